@@ -1,0 +1,132 @@
+"""Checkpoint formats. In memory every checkpoint is a *canonical* state dict: the MAE reference's key names (which
+are also timm's). Each on-disk format is a pair of pure functions to/from canonical, registered here; nothing else
+in the toolkit renames keys.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+
+from ..io import CheckpointError, read_file
+from ...models.mae import DECODER_KEYS
+from ...models.vit import ARCHS, arch_from_width
+
+__all__ = ["Format", "FORMATS", "register", "Checkpoint", "read_checkpoint", "detect_format", "HEAD_KEYS"]
+
+StateDict = Dict[str, torch.Tensor]
+HEAD_KEYS = ("head.", "fc_norm.")
+
+
+def _identity(sd: StateDict) -> StateDict:
+    return dict(sd)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    summary: str
+    matches: Callable[[Mapping[str, Any]], bool]  # on the unwrapped state dict's keys
+    to_canonical: Callable[[StateDict], StateDict] = _identity
+    from_canonical: Callable[[StateDict], StateDict] = _identity
+
+
+FORMATS: Dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: its format, canonical weights, our metadata, and any other top-level entries."""
+    path: Path
+    format: str
+    state_dict: StateDict
+    meta: Dict[str, Any] = field(default_factory=dict)
+    extras: Dict[str, Any] = field(default_factory=dict)  # e.g. optimizer, epoch, args of a training checkpoint
+
+    @property
+    def has_decoder(self) -> bool:
+        return any(k.startswith(DECODER_KEYS) for k in self.state_dict)
+
+    @property
+    def has_head(self) -> bool:
+        return "head.weight" in self.state_dict
+
+    @property
+    def kind(self) -> str:
+        """'full' (encoder + decoder), 'finetuned' (encoder + classifier head) or 'encoder'."""
+        return "full" if self.has_decoder else "finetuned" if self.has_head else "encoder"
+
+    def encoder_state_dict(self) -> StateDict:
+        return {k: v for k, v in self.state_dict.items() if not k.startswith(DECODER_KEYS + HEAD_KEYS)}
+
+    def arch(self) -> Dict[str, Any]:
+        """Architecture read off the tensor shapes (heads from our metadata or the named size of that width)."""
+        sd = self.state_dict
+        if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+            raise CheckpointError(f"{self.path}: no ViT encoder found (no patch_embed.proj.weight / pos_embed)")
+        width, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        prefix = 1 if "cls_token" in sd else 0
+        grid = round((sd["pos_embed"].shape[1] - prefix) ** 0.5)
+        name = arch_from_width(width)
+        arch = dict(embed_dim=width, depth=depth, patch_size=patch, in_chans=in_chans, img_size=grid * patch,
+                    num_heads=self.meta.get("num_heads", ARCHS[name]["num_heads"] if name else None),
+                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width)
+        if self.has_decoder:
+            arch.update(decoder_embed_dim=sd["decoder_embed.weight"].shape[0],
+                        decoder_depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")))
+        if self.has_head:
+            arch["num_classes"] = sd["head.weight"].shape[0]
+        return arch
+
+
+def detect_format(state_dict: Mapping[str, Any], container: str) -> Optional[Format]:
+    """The registered format whose key layout this is; canonical keys are 'mae' in the reference's
+    {'model': ...} container and 'timm' when bare."""
+    for fmt in FORMATS.values():
+        if fmt.name not in ("mae", "timm") and fmt.matches(state_dict):
+            return fmt
+    if FORMATS["mae"].matches(state_dict):
+        return FORMATS["mae" if container == "model" else "timm"]
+    return None
+
+
+def _unwrap(obj: Any, path: Path):
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    for container in ("model", "state_dict", "module"):  # reference & detectron2, mmengine, DDP-era files
+        if isinstance(obj.get(container), Mapping):
+            return obj[container], container, {k: v for k, v in obj.items() if k != container}
+    return obj, "", {}
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Read any recognised checkpoint safely and return it in canonical key names."""
+    path = Path(path)
+    obj, meta = read_file(path)
+    if meta:  # ours: safetensors with our metadata header, canonical keys
+        return Checkpoint(path, "mae_transfer", dict(obj), meta)
+    state_dict, container, extras = _unwrap(obj, path)
+    fmt = detect_format(state_dict, container)
+    if fmt is None:
+        sample = ", ".join(list(state_dict)[:5])
+        raise CheckpointError(f"{path}: unrecognised checkpoint layout (first keys: {sample}); known formats: "
+                              f"{', '.join(FORMATS)}")
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    return Checkpoint(path, fmt.name, fmt.to_canonical(tensors), meta, extras)
+
+
+# Canonical layouts. 'mae': the reference's released files ({'model': ...}); 'timm': the same keys, bare.
+def _is_canonical(sd: Mapping[str, Any]) -> bool:
+    return "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd
+
+
+register(Format("mae", "MAE reference layout ({'model': state_dict}); encoder-only, full, visualize or finetuned",
+                _is_canonical))
+register(Format("timm", "timm VisionTransformer state dict (same names as the reference, no container)",
+                _is_canonical))

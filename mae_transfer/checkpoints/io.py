@@ -1,0 +1,108 @@
+"""Reading checkpoints without executing pickled code, and writing them atomically.
+
+Weights we write are safetensors (no code can hide in them), with our metadata as JSON in the safetensors header,
+so one file is the whole checkpoint and a rename makes it appear complete or not at all.
+"""
+import argparse
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+__all__ = ["CheckpointError", "atomic_path", "read_file", "save_weights", "save_training_state",
+           "load_training_state", "METADATA_KEY"]
+
+METADATA_KEY = "mae_transfer"
+# Classes the MAE reference pickles into its checkpoints besides tensors ('args' is an argparse.Namespace).
+# Rebuilding a Namespace only sets attributes, so allowing it keeps torch.load's weights-only guarantee.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint, or a checkpoint that does not fit a model."""
+
+
+@contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it vanishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+def read_file(path) -> Tuple[Any, Dict[str, Any]]:
+    """Read a weights file safely: safetensors, or a torch.save file loaded with weights_only=True.
+
+    Returns (object, metadata) where metadata is our safetensors header metadata (empty for other files).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; expected a checkpoint file")
+    if _is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+        return tensors, json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it contains pickled objects other than tensors and plain containers, "
+            f"and unpickling them could run arbitrary code ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a PyTorch/safetensors file): "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return obj, {}
+
+
+def save_weights(path, state_dict: Mapping[str, torch.Tensor], metadata: Dict[str, Any] = None) -> Path:
+    """Write tensors as safetensors with `metadata` as JSON in the header, atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    header = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path)
+
+
+def save_training_state(path, state: Dict[str, Any]) -> Path:
+    """Write resumable training state (plain tensors and containers only), atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_training_state(path) -> Dict[str, Any]:
+    obj, _ = read_file(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a training-state dict, got {type(obj).__name__}")
+    return obj

@@ -1,0 +1,81 @@
+"""Loading a canonical state dict into a model, with one clear report of what happened to every tensor."""
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .io import CheckpointError
+
+__all__ = ["LoadReport", "load_into", "summarize_keys"]
+
+
+def summarize_keys(keys: Iterable[str]) -> List[str]:
+    """Collapse numbered module indices: 12 x 'blocks.N.norm1.weight' -> 'blocks.{0..11}.norm1.weight'."""
+    groups: Dict[str, List[int]] = {}
+    for k in keys:
+        m = re.search(r"\.(\d+)\.", k)
+        pattern = k if m is None else k[:m.start()] + ".{}." + k[m.end():]
+        groups.setdefault(pattern, []).append(int(m.group(1)) if m else -1)
+    out = []
+    for pattern, idx in groups.items():
+        if "{}" in pattern:
+            rng = f"{min(idx)}" if len(idx) == 1 else f"{min(idx)}..{max(idx)}"
+            pattern = pattern.replace("{}", "{" + rng + "}")
+        out.append(pattern)
+    return sorted(out)
+
+
+@dataclass
+class LoadReport:
+    loaded: List[str] = field(default_factory=list)
+    new: List[str] = field(default_factory=list)       # in the model, not in the checkpoint: initialised here
+    dropped: List[str] = field(default_factory=list)   # in the checkpoint, not used by the model
+    source: str = "checkpoint"
+
+    def __str__(self) -> str:
+        def block(title, keys):
+            if not keys:
+                return f"  {title}: none"
+            return f"  {title} ({len(keys)}):\n" + "\n".join(f"    {k}" for k in summarize_keys(keys))
+        return "\n".join([f"Loaded {len(self.loaded)} tensors from {self.source}.",
+                          block("new (not in the checkpoint, initialised by the model)", self.new),
+                          block("dropped (in the checkpoint, not used)", self.dropped)])
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(key, p) for p in patterns)
+
+
+def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, new: Sequence[str] = (),
+              dropped: Optional[Sequence[str]] = None, source: str = "checkpoint") -> LoadReport:
+    """Copy `state_dict` into `model` by exact name.
+
+    new: glob patterns of model keys that may be absent from the checkpoint (e.g. 'head.*'); any other absent key is
+         an error. dropped: glob patterns of checkpoint keys that may go unused; None allows any (they are reported).
+    Shape mismatches are always an error, listing every mismatched key with both shapes.
+    """
+    model_sd = model.state_dict()
+    mismatched = [f"{k}: {source} {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
+                  for k, v in state_dict.items() if k in model_sd and v.shape != model_sd[k].shape]
+    if mismatched:
+        hint = ""
+        if "cls_token" in state_dict and "cls_token" in model_sd:
+            got, want = state_dict["cls_token"].shape[-1], model_sd["cls_token"].shape[-1]
+            if got != want:
+                hint = f" (the checkpoint is {got} wide, the model {want}: wrong model size?)"
+        raise CheckpointError(f"{source} does not fit the model{hint}; mismatched shapes:\n  " + "\n  ".join(mismatched))
+    missing = [k for k in model_sd if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_sd]
+    bad_missing = [k for k in missing if not _matches(k, new)]
+    if bad_missing:
+        raise CheckpointError(f"{source} lacks tensors the model needs:\n  " + "\n  ".join(summarize_keys(bad_missing)))
+    if dropped is not None:
+        bad_unexpected = [k for k in unexpected if not _matches(k, dropped)]
+        if bad_unexpected:
+            raise CheckpointError(f"{source} has tensors the model has no place for:\n  "
+                                  + "\n  ".join(summarize_keys(bad_unexpected)))
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in model_sd}, strict=False)
+    return LoadReport(loaded=[k for k in state_dict if k in model_sd], new=missing, dropped=unexpected, source=source)

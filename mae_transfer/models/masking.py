@@ -1,0 +1,97 @@
+"""Which patches the MAE encoder sees.
+
+Every strategy is expressed as a per-sample score `noise` of shape (N, L): the `len_keep` patches with the lowest
+scores are kept. This is the reference's random masking when `noise` is uniform, and it lets block-wise and
+grid-wise masking (the paper's Table 1 ablation) reuse exactly the same gather / unshuffle path.
+"""
+import math
+from typing import Callable, Dict, Tuple
+
+import torch
+
+__all__ = ["apply_masking", "random_noise", "block_noise", "grid_noise", "MASKING_STRATEGIES", "masking_noise"]
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return int(num_patches * (1 - mask_ratio))
+
+
+def apply_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
+    """Keep the lowest-noise patches of x (N, L, D).
+
+    Returns (x_kept (N, len_keep, D), mask (N, L) with 1 = removed in original patch order, ids_restore (N, L)).
+    """
+    n, length, dim = x.shape
+    if noise.shape != (n, length):
+        raise ValueError(f"noise must have shape (N, L) = {(n, length)}, got {tuple(noise.shape)}")
+    len_keep = num_kept(length, mask_ratio)
+    ids_shuffle = torch.argsort(noise.to(x.device), dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+    mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x_kept, mask, ids_restore
+
+
+def random_noise(n: int, grid: Tuple[int, int], mask_ratio: float, device=None) -> torch.Tensor:
+    """Uniform scores: a uniformly random subset of patches is kept (the paper's default)."""
+    return torch.rand(n, grid[0] * grid[1], device=device)
+
+
+def block_noise(n: int, grid: Tuple[int, int], mask_ratio: float, device=None,
+                min_block: int = 16, max_aspect: float = 3.0) -> torch.Tensor:
+    """Block-wise masking (BEiT's algorithm): random rectangles of >= min_block patches with aspect ratio in
+    [1/max_aspect, max_aspect] are removed until mask_ratio of the grid is covered. Patches outside the blocks
+    score lower, so they are kept first; ties are broken at random, which makes the kept count exact."""
+    gh, gw = grid
+    target = gh * gw - num_kept(gh * gw, mask_ratio)
+    blocked = torch.zeros(n, gh, gw, dtype=torch.bool)
+    log_aspect = math.log(max_aspect)
+    for i in range(n):
+        covered = 0
+        for _ in range(100 * gh * gw):  # bounded: BEiT's loop, with a hard stop for degenerate grids
+            if covered >= target:
+                break
+            area = torch.empty(1).uniform_(min(min_block, target), max(min_block, target - covered)).item()
+            aspect = math.exp(torch.empty(1).uniform_(-log_aspect, log_aspect).item())
+            h = min(gh, max(1, round(math.sqrt(area * aspect))))
+            w = min(gw, max(1, round(math.sqrt(area / aspect))))
+            top = torch.randint(0, gh - h + 1, (1,)).item()
+            left = torch.randint(0, gw - w + 1, (1,)).item()
+            region = blocked[i, top:top + h, left:left + w]
+            new = h * w - int(region.sum())
+            if 0 < new <= target - covered + min_block:  # do not overshoot by more than one small block
+                region.fill_(True)
+                covered += new
+    return (blocked.flatten(1).float() + torch.rand(n, gh * gw)).to(device)
+
+
+def grid_noise(n: int, grid: Tuple[int, int], mask_ratio: float, device=None) -> torch.Tensor:
+    """Grid-wise masking: keep one patch of every s x s cell (s = 2 gives the paper's 75%)."""
+    s = round(1.0 / math.sqrt(1.0 - mask_ratio))
+    if s < 2 or abs((1.0 - mask_ratio) * s * s - 1.0) > 1e-6:
+        raise ValueError(f"grid masking keeps 1 of every s*s patches; mask_ratio must be 1 - 1/s^2 "
+                         f"(0.75, 0.888.., 0.9375), got {mask_ratio}")
+    gh, gw = grid
+    if gh % s or gw % s:
+        raise ValueError(f"grid masking with s={s} needs a patch grid divisible by {s}, got {gh}x{gw}")
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    keep = ((rows % s == 0) & (cols % s == 0)).flatten()
+    # A random sub-rank among kept patches makes argsort's tie order irrelevant.
+    return ((~keep).float() + 0.5 * torch.rand(n, gh * gw) * keep.float()).to(device)
+
+
+MASKING_STRATEGIES: Dict[str, Callable[..., torch.Tensor]] = {
+    "random": random_noise, "block": block_noise, "grid": grid_noise}
+
+
+def masking_noise(strategy: str, n: int, grid: Tuple[int, int], mask_ratio: float, device=None) -> torch.Tensor:
+    try:
+        make = MASKING_STRATEGIES[strategy]
+    except KeyError:
+        raise ValueError(f"unknown masking strategy {strategy!r}; choose from {sorted(MASKING_STRATEGIES)}") from None
+    return make(n, grid, mask_ratio, device=device)

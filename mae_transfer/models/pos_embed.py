@@ -1,0 +1,42 @@
+"""Position embeddings: the MAE fixed 2D sin-cos table, and resizing for other resolutions / patch sizes."""
+from typing import Sequence, Tuple
+
+import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+__all__ = ["sincos_pos_embed_1d", "sincos_pos_embed_2d", "resize_pos_embed", "resample_patch_embed"]
+
+
+def sincos_pos_embed_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, embed_dim) as [sin | cos] with omega_i = 1 / 10000^(i / (embed_dim/2))."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    angles = positions.to(torch.float64).reshape(-1, 1) * omega.reshape(1, -1)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: Tuple[int, int], cls_token: bool = True) -> torch.Tensor:
+    """The MAE table for a (h, w) patch grid, row-major, with a zero row prepended for the cls token.
+
+    As in the released checkpoints, the FIRST half of the channels encodes the column (w) index and the second
+    half the row (h) index; swapping them silently breaks every released MAE model.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"2D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
+    gh, gw = grid_size
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    emb = torch.cat([sincos_pos_embed_1d(embed_dim // 2, cols.flatten()),
+                     sincos_pos_embed_1d(embed_dim // 2, rows.flatten())], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float().unsqueeze(0)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Sequence[int], old_grid: Sequence[int] = None,
+                     num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resize (1, prefix + h*w, D) to a new grid: prefix rows kept, the grid resized bicubically
+    with align_corners=False and no antialiasing, as the MAE reference does for fine-tuning at 448."""
+    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=old_grid,
+                                  num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)
