@@ -1,0 +1,1 @@
+"""Datasets: image folders and the built-in synthetic world."""

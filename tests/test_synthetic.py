@@ -1,0 +1,149 @@
+"""The built-in synthetic world: determinism, and each dataset's format checked by its own reader."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from mae_transfer.data.synthetic import CATEGORIES, PRESETS, dominant_scene, generate_world, render_scene
+
+TINY = PRESETS["tiny"]
+K = len(CATEGORIES)
+
+
+def _file_hashes(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic") / "world"
+    generate_world(root, seed=0, size="tiny")
+    return root
+
+
+def test_same_seed_same_bytes_other_seed_other_images(world, tmp_path):
+    generate_world(tmp_path / "again", seed=0, size="tiny")
+    generate_world(tmp_path / "other", seed=1, size="tiny")
+    hashes, again, other = (_file_hashes(p) for p in (world, tmp_path / "again", tmp_path / "other"))
+    assert hashes == again
+    assert hashes.keys() == other.keys()
+    images = [name for name in hashes if name.endswith((".png", ".jpg")) and "annotations" not in name]
+    assert len(images) == (TINY.pretrain + TINY.det_train + TINY.det_val + TINY.seg_train + TINY.seg_val
+                           + K * (TINY.cls_train_per_class + TINY.cls_val_per_class))
+    assert all(hashes[name] != other[name] for name in images)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_rerun_is_a_no_op_and_a_different_world_is_refused(world):
+    before = _file_hashes(world)
+    assert generate_world(world, seed=0, size="tiny")["categories"] == list(CATEGORIES)
+    assert _file_hashes(world) == before
+    with pytest.raises(FileExistsError, match="seed 1"):
+        generate_world(world, seed=1, size="tiny")
+    with pytest.raises(ValueError, match="'huge'"):
+        generate_world(world.parent / "unused", size="huge")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_coco_masks_match_boxes_and_areas(world, split):
+    coco = COCO(str(world / "coco" / "annotations" / f"instances_{split}.json"))
+    assert len(coco.getImgIds()) == getattr(TINY, f"det_{split}")
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CATEGORIES)
+    assert coco.getCatIds() == list(range(1, K + 1))
+    for image_id in coco.getImgIds():
+        info = coco.loadImgs(image_id)[0]
+        with Image.open(world / "coco" / split / info["file_name"]) as image:
+            assert image.mode == "RGB" and image.size == (info["width"], info["height"])
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        assert anns, f"image {image_id} has no objects"
+        covered = np.zeros((info["height"], info["width"]), int)
+        for ann in anns:
+            mask = coco.annToMask(ann)
+            ys, xs = np.nonzero(mask)
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert ann["area"] == mask.sum() > 0
+            assert ann["iscrowd"] == 0
+            covered += mask
+        assert covered.max() == 1, "visible masks of one image must not overlap"
+
+
+def test_coco_loads_in_detectron2(world):
+    load_coco_json = pytest.importorskip("detectron2.data.datasets").load_coco_json
+    dicts = load_coco_json(str(world / "coco/annotations/instances_val.json"), str(world / "coco/val"), "synthetic_val")
+    coco = json.loads((world / "coco/annotations/instances_val.json").read_text())
+    assert len(dicts) == TINY.det_val
+    assert sum(len(d["annotations"]) for d in dicts) == len(coco["annotations"])
+    assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(K))  # contiguous ids
+
+
+@pytest.mark.parametrize("split", ["training", "validation"])
+def test_ade_labels_in_range_and_paired_with_images(world, split):
+    images = sorted((world / "ade" / "images" / split).glob("*.jpg"))
+    labels = sorted((world / "ade" / "annotations" / split).glob("*.png"))
+    assert len(images) == getattr(TINY, "seg_train" if split == "training" else "seg_val")
+    assert [p.stem for p in images] == [p.stem for p in labels]
+    for image_path, label_path in zip(images, labels):
+        with Image.open(image_path) as image, Image.open(label_path) as label:
+            assert image.mode == "RGB" and label.mode == "L" and image.size == label.size
+            values = np.unique(np.asarray(label))
+        assert values[0] == 0 and 1 <= values[-1] <= K, f"{label_path}: labels {values}"
+
+
+def test_ade_layout_loads_in_mmseg(world):
+    pytest.importorskip("mmseg")
+    from mmseg.datasets import ADE20KDataset
+
+    dataset = ADE20KDataset(data_root=str(world / "ade"), metainfo=dict(classes=CATEGORIES),
+                            data_prefix=dict(img_path="images/validation", seg_map_path="annotations/validation"),
+                            pipeline=[])
+    assert len(dataset) == TINY.seg_val
+    sample = dataset[0]
+    assert sample["reduce_zero_label"] and sample["seg_map_path"].endswith(".png")
+
+
+def test_classification_folders(world):
+    for split, per_class in (("train", TINY.cls_train_per_class), ("val", TINY.cls_val_per_class)):
+        folders = sorted(p.name for p in (world / "cls" / split).iterdir())
+        assert folders == sorted(CATEGORIES)
+        for name in folders:
+            files = sorted((world / "cls" / split / name).glob("*.png"))
+            assert len(files) == per_class
+            with Image.open(files[0]) as image:
+                assert image.mode == "RGB" and image.size == (TINY.image_size, TINY.image_size)
+    assert len(list((world / "pretrain" / "train").glob("*.png"))) == TINY.pretrain
+
+
+# Areas of the shapes of circumradius r, worked out by hand from their definitions in synthetic.py.
+_AREA_OVER_R2 = {
+    "disc": np.pi,
+    "ring": np.pi * (1 - 0.55**2),
+    "square": 2.0,                          # side r * sqrt(2)
+    "triangle": 3 * np.sqrt(3) / 4,
+    "star": np.pi * (0.45**2 + 0.45 * 0.55 + 0.55**2 / 3),  # radius linear in angle from 0.45 r to r, 10 sectors
+    "cross": 2 * (2 * 0.6) - 0.6**2,        # two 2r x 0.6r bars minus their overlap
+}
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_rendered_shape_has_its_area(category):
+    radius, size = 20.0, 100
+    for seed in range(10):  # the first scene whose object the border does not cut
+        scene = render_scene(np.random.default_rng(seed), size, [(CATEGORIES.index(category), radius)])
+        (mask,) = scene.masks
+        if not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()):
+            break
+    assert scene.categories == [CATEGORIES.index(category)]
+    assert mask.sum() == pytest.approx(_AREA_OVER_R2[category] * radius**2, rel=0.02)
+
+
+def test_classification_object_dominates():
+    for seed in range(20):
+        label = seed % K
+        scene = dominant_scene(np.random.default_rng(seed), TINY.image_size, label)
+        areas = [mask.sum() for mask in scene.masks]
+        assert scene.categories[0] == label and areas[0] == max(areas)
