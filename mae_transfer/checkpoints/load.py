@@ -41,6 +41,7 @@ class LoadReport:
                 return f"  {title}: none"
             return f"  {title} ({len(keys)}):\n" + "\n".join(f"    {k}" for k in summarize_keys(keys))
         return "\n".join([f"Loaded {len(self.loaded)} tensors from {self.source}.",
+                          block("loaded", self.loaded),
                           block("new (not in the checkpoint, initialised by the model)", self.new),
                           block("dropped (in the checkpoint, not used)", self.dropped)])
 

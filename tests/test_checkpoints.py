@@ -1,0 +1,121 @@
+import argparse
+import os
+
+import pytest
+import torch
+
+import mae_transfer.checkpoints.io as ckpt_io
+from mae_transfer.checkpoints import (CheckpointError, load_into, read_checkpoint, save_checkpoint,
+                                      save_training_state, load_training_state)
+from mae_transfer.models import MaskedAutoencoderViT, vit_tiny_patch16
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+def tiny_encoder(**kw):
+    return vit_tiny_patch16(**{**dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), **kw})
+
+
+def reference_file(path, state_dict):
+    """A file as the MAE reference's training loop writes it, argparse.Namespace included."""
+    torch.save({"model": state_dict, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
+                "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_base_patch16")}, path)
+    return path
+
+
+def test_reference_kinds_are_recognised(tmp_path):
+    mae = MaskedAutoencoderViT(**TINY)
+    full = read_checkpoint(reference_file(tmp_path / "mae_pretrain_vit_tiny_full.pth", mae.state_dict()))
+    assert (full.format, full.kind) == ("mae", "full")
+    assert full.extras["epoch"] == 799 and full.extras["args"].model == "mae_vit_base_patch16"
+    encoder = read_checkpoint(reference_file(tmp_path / "enc.pth", mae.encoder_state_dict()))
+    assert (encoder.format, encoder.kind) == ("mae", "encoder")
+    finetuned = tiny_encoder(global_pool="avg", num_classes=10).state_dict()
+    assert read_checkpoint(reference_file(tmp_path / "ft.pth", finetuned)).kind == "finetuned"
+    torch.save(mae.encoder_state_dict(), tmp_path / "timm.pth")
+    assert read_checkpoint(tmp_path / "timm.pth").format == "timm"
+    assert full.arch() == dict(embed_dim=32, depth=2, patch_size=8, in_chans=3, img_size=32, num_heads=None,
+                               mlp_ratio=4.0, decoder_embed_dim=16, decoder_depth=1)
+
+
+def test_ours_roundtrip_with_metadata(tmp_path):
+    mae = MaskedAutoencoderViT(**TINY)
+    path = save_checkpoint(tmp_path / "ours.safetensors", mae.state_dict(), {"model": "tiny", "num_heads": 2})
+    ckpt = read_checkpoint(path)
+    assert ckpt.format == "mae_transfer" and ckpt.meta["model"] == "tiny" and ckpt.arch()["num_heads"] == 2
+    assert all(torch.equal(v, mae.state_dict()[k]) for k, v in ckpt.state_dict.items())
+    assert sorted(ckpt.state_dict) == sorted(mae.state_dict())
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": Exploit()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="evil.pth: refused to load"):
+        read_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_file_gets_a_clear_error(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    sd = tiny_encoder().state_dict()
+    save_checkpoint(path, sd) if suffix == ".safetensors" else torch.save({"model": sd}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"model{suffix}"):
+        read_checkpoint(path)
+
+
+def test_not_a_checkpoint_and_missing_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.txt"):
+        read_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        read_checkpoint(tmp_path / "nope.pth")
+    torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
+        read_checkpoint(tmp_path / "other.pth")
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, {"w": torch.ones(3)})
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_io, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"w": torch.zeros(3)})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+def test_training_state_roundtrip(tmp_path):
+    state = {"epoch": 3, "model": {"w": torch.arange(4.0)}, "rng": torch.get_rng_state(), "lr": [0.1, 0.2]}
+    loaded = load_training_state(save_training_state(tmp_path / "state.pth", state))
+    assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
+def test_load_into_reports_and_rejects():
+    source = tiny_encoder().state_dict()
+    target = tiny_encoder(global_pool="avg", num_classes=5)
+    report = load_into(target, source, new=["head.*", "fc_norm.*"])
+    assert sorted(report.new) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert sorted(report.dropped) == ["norm.bias", "norm.weight"]
+    assert "blocks.{0..1}.attn.qkv.weight" in str(report)
+    assert torch.equal(target.blocks[1].attn.qkv.weight, source["blocks.1.attn.qkv.weight"])
+    with pytest.raises(CheckpointError, match="lacks tensors the model needs"):
+        load_into(tiny_encoder(global_pool="avg", num_classes=5), source, new=["head.*"])
+    wide = tiny_encoder(embed_dim=64).state_dict()
+    with pytest.raises(CheckpointError, match=r"64 wide, the model 32(.|\n)*cls_token: checkpoint \(1, 1, 64\)"):
+        load_into(tiny_encoder(), wide)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from mae_transfer.models import apply_masking, masking_noise
+
+
+def test_masking_with_given_noise_follows_the_formula():
+    noise = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4]])
+    x = torch.arange(8.0).reshape(1, 8, 1).expand(1, 8, 3)
+    kept, mask, ids_restore = apply_masking(x, 0.75, noise)
+    # len_keep = int(8 * 0.25) = 2: the two smallest scores, positions 1 (0.1) and 5 (0.2), in that order.
+    assert kept[0, :, 0].tolist() == [1.0, 5.0]
+    assert mask[0].tolist() == [1, 0, 1, 1, 1, 0, 1, 1]
+    ids_shuffle = [1, 5, 3, 7, 0, 4, 6, 2]  # argsort of the noise
+    assert ids_restore[0].tolist() == [ids_shuffle.index(i) for i in range(8)]
+
+
+@pytest.mark.parametrize("strategy", ["random", "block", "grid"])
+def test_mask_ratio_holds(strategy):
+    x = torch.randn(4, 196, 8)
+    noise = masking_noise(strategy, 4, (14, 14), 0.75)
+    kept, mask, _ = apply_masking(x, 0.75, noise)
+    assert kept.shape == (4, 49, 8)  # int(196 * 0.25), as in the reference
+    assert mask.sum(1).tolist() == [147.0] * 4
+
+
+def test_grid_masking_keeps_one_of_every_2x2():
+    _, mask, _ = apply_masking(torch.randn(2, 16, 4), 0.75, masking_noise("grid", 2, (4, 4), 0.75))
+    kept = (mask.reshape(2, 4, 4) == 0)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[::2, ::2] = True
+    assert torch.equal(kept[0], expected) and torch.equal(kept[1], expected)
+
+
+def test_grid_masking_rejects_ratios_it_cannot_express():
+    with pytest.raises(ValueError, match="grid masking"):
+        masking_noise("grid", 1, (14, 14), 0.6)
+
+
+def _masked_neighbour_fraction(mask_grid):
+    # Of the masked patches, how many have their right neighbour masked too: ~ratio for random masking,
+    # much higher when masks come in blocks.
+    left, right = mask_grid[:, :, :-1], mask_grid[:, :, 1:]
+    return float((left * right).sum() / left.sum())
+
+
+def test_block_masking_removes_blocks_not_scattered_patches():
+    n, grid = 16, (14, 14)
+    blocky = apply_masking(torch.randn(n, 196, 1), 0.5, masking_noise("block", n, grid, 0.5))[1].reshape(n, *grid)
+    scattered = apply_masking(torch.randn(n, 196, 1), 0.5, masking_noise("random", n, grid, 0.5))[1].reshape(n, *grid)
+    assert _masked_neighbour_fraction(blocky) > 0.75
+    assert _masked_neighbour_fraction(scattered) < 0.6
+
+
+def test_unknown_strategy_is_named():
+    with pytest.raises(ValueError, match="'checkerboard'"):
+        masking_noise("checkerboard", 1, (4, 4), 0.75)
