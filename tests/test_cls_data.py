@@ -1,0 +1,148 @@
+"""Classification datasets in their official formats, on fixture files the tests write."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from mae_transfer.data.classification import (DatasetFormatError, build_dataset, classification_transform,
+                                              read_inaturalist, read_split_list)
+
+
+def _image(path, value=128, size=20):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+
+
+# ------------------------------------------------------------------------------------------------ iNaturalist
+def _inat(root, year=2018, split="train", categories=(7, 3, 12), drop=None, extra_annotation=None):
+    """An official-format iNat file: sparse category ids, one annotation per image, images under train_valYYYY/."""
+    images, annotations = [], []
+    for i, cid in enumerate([12, 3, 7, 3]):
+        file_name = f"train_val{year}/Animalia/{cid}/{i}.jpg"
+        _image(root / file_name, value=40 * i)
+        images.append({"id": 100 + i, "file_name": file_name, "width": 20, "height": 20, "license": 1})
+        annotations.append({"id": i, "image_id": 100 + i, "category_id": cid})
+    if extra_annotation is not None:
+        annotations.append(extra_annotation)
+    data = {"info": {"year": year}, "images": images, "annotations": annotations, "licenses": [],
+            "categories": [{"id": c, "name": f"species {c}", "supercategory": "Animalia"} for c in categories]}
+    if drop:
+        (root / drop).unlink()
+    path = root / f"{split}{year}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_inaturalist_maps_sparse_category_ids_to_contiguous_labels(tmp_path):
+    path = _inat(tmp_path)
+    dataset = read_inaturalist(path, tmp_path)
+    # sorted ids 3, 7, 12 -> labels 0, 1, 2; the class count is the file's number of categories
+    assert dataset.classes == ["species 3", "species 7", "species 12"]
+    assert dataset.labels == [2, 0, 1, 0]
+    assert [p.relative_to(tmp_path).as_posix() for p in dataset.files] == [
+        "train_val2018/Animalia/12/0.jpg", "train_val2018/Animalia/3/1.jpg", "train_val2018/Animalia/7/2.jpg",
+        "train_val2018/Animalia/3/3.jpg"]
+    image, label, unreadable = dataset[2]
+    assert (label, unreadable) == (1, 0) and image.size == (20, 20) and image.getpixel((0, 0)) == (80, 80, 80)
+
+    via_name = build_dataset("inat2018", tmp_path, "train")
+    assert via_name.labels == dataset.labels and len(via_name.classes) == 3
+
+
+def test_inaturalist_class_count_includes_categories_without_images(tmp_path):
+    dataset = read_inaturalist(_inat(tmp_path, categories=(3, 7, 12, 40, 41)), tmp_path)
+    assert len(dataset.classes) == 5 and dataset.labels == [2, 0, 1, 0]
+
+
+def test_inaturalist_errors_name_the_file_and_entry(tmp_path):
+    bad = _inat(tmp_path, extra_annotation={"id": 9, "image_id": 101, "category_id": 99})
+    with pytest.raises(DatasetFormatError, match=r"train2018\.json: annotations\[4\]: category_id 99"):
+        read_inaturalist(bad, tmp_path)
+    bad = _inat(tmp_path, extra_annotation={"id": 9, "image_id": 101})
+    with pytest.raises(DatasetFormatError, match=r"annotations\[4\]: expected an integer 'category_id'"):
+        read_inaturalist(bad, tmp_path)
+    missing = _inat(tmp_path, drop="train_val2018/Animalia/7/2.jpg")
+    with pytest.raises(DatasetFormatError, match=r"train2018\.json: images\[2\] \(id 102\): image not found: .*2\.jpg"):
+        read_inaturalist(missing, tmp_path)
+    broken = tmp_path / "val2018.json"
+    broken.write_text('{"images": [\n{"id": 1,,}]}')
+    with pytest.raises(DatasetFormatError, match=r"val2018\.json:2: not valid JSON"):
+        read_inaturalist(broken, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- Places
+def test_places365_split_lists(tmp_path):
+    lines = ["/a/airfield/00000001.jpg 0", "/a/airfield/00000002.jpg 0", "", "/z/zen_garden/00000001.jpg 364"]
+    for line in lines:
+        if line:
+            _image(tmp_path / "data_256" / line.split()[0].lstrip("/"))
+    (tmp_path / "places365_train_standard.txt").write_text("\n".join(lines) + "\n")
+    _image(tmp_path / "val_256" / "Places365_val_00000001.jpg")
+    (tmp_path / "places365_val.txt").write_text("Places365_val_00000001.jpg 165\n")
+
+    train = build_dataset("places365", tmp_path, "train")
+    assert train.labels == [0, 0, 364] and len(train.classes) == 365
+    assert train.files[2] == tmp_path / "data_256/z/zen_garden/00000001.jpg"
+    assert train.origins[2].endswith("places365_train_standard.txt:4")
+    val = build_dataset("places365", tmp_path, "val")
+    assert val.labels == [165] and val.files[0] == tmp_path / "val_256/Places365_val_00000001.jpg"
+
+
+def test_places205_official_layout(tmp_path):
+    images = tmp_path / "data/vision/torralba/deeplearning/images256"
+    _image(images / "a/abbey/gsun_0001.jpg")
+    _image(images / "y/yard/gsun_0002.jpg")
+    (tmp_path / "trainvalsplit_places205").mkdir()
+    (tmp_path / "trainvalsplit_places205/val_places205.csv").write_text("a/abbey/gsun_0001.jpg 0\n"
+                                                                       "y/yard/gsun_0002.jpg 204\n")
+    val = build_dataset("places205", tmp_path, "val")
+    assert val.labels == [0, 204] and len(val.classes) == 205
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a/abbey/1.jpg", r"list\.txt:2: expected '<image path> <label>', got 'a/abbey/1\.jpg'"),
+    ("a/abbey/1.jpg zero", r"list\.txt:2: label 'zero' is not an integer"),
+    ("a/abbey/1.jpg 5", r"list\.txt:2: label 5 is outside \[0, 5\)"),
+    ("a/abbey/missing.jpg 1", r"list\.txt:2: image not found: .*missing\.jpg"),
+])
+def test_split_list_errors_name_file_and_line(tmp_path, line, message):
+    _image(tmp_path / "a/abbey/1.jpg")
+    (tmp_path / "list.txt").write_text(f"a/abbey/1.jpg 1\n{line}\n")
+    with pytest.raises(DatasetFormatError, match=message):
+        read_split_list(tmp_path / "list.txt", tmp_path, num_classes=5)
+
+
+# ------------------------------------------------------------------------------------------ folders, transforms
+def test_image_folder_classes_and_errors(tmp_path):
+    for split in ("train", "val"):
+        for c in ("dog", "cat"):
+            _image(tmp_path / split / c / "0.png")
+    train = build_dataset("imagefolder", tmp_path, "train")
+    assert train.classes == ["cat", "dog"] and sorted(train.labels) == [0, 1]
+    _image(tmp_path / "flat" / "val" / "0.png")
+    with pytest.raises(DatasetFormatError, match="outside class sub-folders"):
+        build_dataset("imagefolder", tmp_path / "flat", "val")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        build_dataset("imagefolder", tmp_path / "nowhere", "train")
+
+
+def test_eval_transform_is_the_references_resize_and_centre_crop():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    for size, crop_pct in ((64, 224 / 256), (448, 1.0)):
+        reference = transforms.Compose([  # the MAE reference's build_transform(is_train=False)
+            transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size), transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        torch.testing.assert_close(classification_transform(False, size)(image), reference(image))
+
+
+def test_train_transforms_follow_the_protocol():
+    finetune = repr(classification_transform(True, 64, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25))
+    assert "RandAugment" in finetune and "RandomErasing" in finetune and "bicubic" in finetune
+    linprobe = repr(classification_transform(True, 64))
+    assert "RandAugment" not in linprobe and "RandomErasing" not in linprobe and "ColorJitter" not in linprobe
+    assert "RandomResizedCrop" in linprobe and "RandomHorizontalFlip" in linprobe

@@ -1,0 +1,341 @@
+"""Classification transfer of an MAE encoder: end-to-end fine-tuning, linear probing, partial fine-tuning.
+
+Flags are the MAE reference's (main_finetune.py / main_linprobe.py), so its commands paste unchanged, plus --mode,
+--partial_blocks, --dataset and --preset:
+
+    python tools/train_cls.py --preset finetune-base --finetune mae_pretrain_vit_base.pth \
+        --dataset inat2018 --data_path /datasets/inat2018 --output_dir runs/inat18_base
+    torchrun --nproc_per_node 8 tools/train_cls.py --preset linprobe-large --finetune mae_pretrain_vit_large.pth \
+        --data_path /datasets/imagenet --dist_eval
+    python tools/train_cls.py --eval --resume runs/inat18_base --model vit_base_patch16 --dataset inat2018 \
+        --data_path /datasets/inat2018
+
+Writes into --output_dir: checkpoint-N.pth (resumable training state), log.jsonl (logging steps, and per epoch
+the training loss and validation top-1 / top-5 / loss), metrics.json (the final and best validation metrics) and
+classifier.safetensors (the trained model); --eval writes eval.json. TensorBoard scalars go to --log_dir.
+"""
+import argparse
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, Subset
+
+from mae_transfer.checkpoints import atomic_path, load_into, read_checkpoint, save_checkpoint
+from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESETS, build_classifier, build_optimizer,
+                              evaluate, load_pretrained, resolve_mode)
+from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
+from mae_transfer.engine import (AMP_MODES, NonFiniteLossError, Precision, RunLog, cleanup, init_distributed,
+                                 latest_checkpoint, load_state, save_state, scaled_lr, seed_everything,
+                                 train_one_epoch, warmup_cosine)
+from mae_transfer.engine.batch import resolve_accum_iter
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE classification transfer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    by_mode = "(default: by --mode, as the reference's main_finetune.py / main_linprobe.py)"
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a documented recipe (mae_transfer/cls/presets.py); explicit flags override it")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="finetune (all parameters), linprobe (frozen encoder, BN + linear head, LARS) or "
+                             "partial (last --partial_blocks blocks + norm + head); default finetune")
+    parser.add_argument("--partial_blocks", type=int, default=0,
+                        help="blocks tuned by --mode partial, counted from the last (0 = linear probing)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help=f"batch size per GPU; effective batch = batch_size * accum_iter * #GPUs {by_mode}")
+    parser.add_argument("--epochs", type=int, default=None, help=by_mode)
+    parser.add_argument("--accum_iter", type=int, default=None,
+                        help="gradient accumulation iterations (default 1, or as --effective_batch_size needs)")
+    parser.add_argument("--effective_batch_size", type=int, default=None,
+                        help="choose accum_iter to reach this batch size over all GPUs (the presets do)")
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help="stop after this many optimizer steps in all (smoke runs); the schedule is unchanged")
+
+    # Model
+    parser.add_argument("--model", default="vit_large_patch16", choices=ENCODERS, help="encoder architecture")
+    parser.add_argument("--input_size", type=int, default=224, help="image size (pos_embed is resized to it)")
+    parser.add_argument("--drop_path", type=float, default=None, help=f"drop path rate {by_mode}")
+    parser.add_argument("--global_pool", action="store_true", default=None,
+                        help="average-pool the patch tokens, then fc_norm (the fine-tuning default)")
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool",
+                        help="classify the normalised cls token instead (the linear-probing default)")
+
+    # Optimizer and schedule
+    parser.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: no)")
+    parser.add_argument("--weight_decay", type=float, default=None, help=by_mode)
+    parser.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: from --blr)")
+    parser.add_argument("--blr", type=float, default=None,
+                        help=f"base learning rate: lr = blr * effective batch size / 256 {by_mode}")
+    parser.add_argument("--layer_decay", type=float, default=None, help=f"layer-wise lr decay {by_mode}")
+    parser.add_argument("--min_lr", type=float, default=None, help=f"lr at the end of the cosine {by_mode}")
+    parser.add_argument("--warmup_epochs", type=int, default=None, help=by_mode)
+    parser.add_argument("--amp", default="auto", choices=["auto", *AMP_MODES],
+                        help="autocast dtype: auto = bf16 on CUDA, none (fp32) elsewhere; fp16 adds a grad scaler")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+
+    # Augmentation (timm's implementations)
+    parser.add_argument("--color_jitter", type=float, default=None, help="colour jitter (used only without --aa)")
+    parser.add_argument("--aa", type=str, default=None,
+                        help=f"timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1; 'none' for none {by_mode}")
+    parser.add_argument("--smoothing", type=float, default=None, help=f"label smoothing {by_mode}")
+    parser.add_argument("--reprob", type=float, default=None, help=f"random erasing probability {by_mode}")
+    parser.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
+    parser.add_argument("--recount", type=int, default=1, help="random erasing count")
+    parser.add_argument("--mixup", type=float, default=None, help=f"mixup alpha, on if > 0 {by_mode}")
+    parser.add_argument("--cutmix", type=float, default=None, help=f"cutmix alpha, on if > 0 {by_mode}")
+    parser.add_argument("--cutmix_minmax", type=float, nargs=2, default=None,
+                        help="cutmix min/max area ratio; overrides alpha and turns cutmix on")
+    parser.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
+    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                        help="probability of cutmix instead of mixup when both are on")
+    parser.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"])
+
+    # Data, checkpoints, run
+    parser.add_argument("--finetune", default="", help="pretrained checkpoint to start from (any recognised format)")
+    parser.add_argument("--dataset", default="imagefolder", choices=sorted(DATASETS),
+                        help="layout of --data_path (see mae_transfer/data/classification.py)")
+    parser.add_argument("--data_path", default="./data/imagenet", type=str, help="dataset root")
+    parser.add_argument("--nb_classes", type=int, default=None,
+                        help="number of classes (default: the dataset's; if given, it must match)")
+    parser.add_argument("--output_dir", default="./output_dir", help="checkpoints, metrics, log.jsonl")
+    parser.add_argument("--log_dir", default=None, help="TensorBoard logs (default: --output_dir)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="",
+                        help="training state to resume (a checkpoint-N.pth or a directory: its latest); with --eval "
+                             "any checkpoint of the whole classifier")
+    parser.add_argument("--start_epoch", default=0, type=int, help="first epoch (resuming sets it)")
+    parser.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint only")
+    parser.add_argument("--dist_eval", action="store_true",
+                        help="split evaluation over all processes (exact: no sample is repeated)")
+    parser.add_argument("--save_every", default=20, type=int, help="save a checkpoint every N epochs (and the last)")
+    parser.add_argument("--log_every", default=20, type=int, help="log every N iterations")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true", default=True, help="pin loader memory (CUDA only)")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags. Defaults come from the protocol (--mode), then a --preset over them; explicit flags win."""
+    parser = get_args_parser()
+    known = parser.parse_known_args(argv)[0]
+    preset = PRESETS[known.preset] if known.preset else {}
+    mode = known.mode or preset.get("mode", "finetune")
+    parser.set_defaults(**MODE_DEFAULTS[resolve_mode(mode, known.partial_blocks)])
+    parser.set_defaults(**{**preset, "mode": mode})
+    args = parser.parse_args(argv)
+    if args.aa is not None and args.aa.lower() == "none":
+        args.aa = None
+    return args
+
+
+def classification_step(model: torch.nn.Module, batch, *, criterion, mixup: Optional[Mixup],
+                        device: torch.device):
+    images, targets, unreadable = batch
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if mixup is not None:
+        images, targets = mixup(images, targets)
+    return criterion(model(images), targets), {"unreadable_images": int(unreadable.sum())}
+
+
+def build_mixup(args: argparse.Namespace, num_classes: int) -> Optional[Mixup]:
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    if args.batch_size % 2:
+        raise SystemExit(f"mixup/cutmix pair up the images of a batch: --batch_size {args.batch_size} must be even")
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def build_criterion(args: argparse.Namespace, mixup: Optional[Mixup]) -> torch.nn.Module:
+    if mixup is not None:  # targets are soft (mixed, and smoothed by Mixup itself)
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def write_json(path: Path, record: Dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train (or with --eval, evaluate); returns the final validation metrics."""
+    dist = init_distributed(args.device)
+    device = dist.device
+    say = print if dist.is_main else (lambda *a, **k: None)
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="%(message)s")
+    seed_everything(args.seed + dist.rank)
+    mode = resolve_mode(args.mode, args.partial_blocks)
+    output_dir = Path(args.output_dir)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data
+    val_set = build_dataset(args.dataset, args.data_path, "val", classification_transform(False, args.input_size))
+    train_set = None
+    if not args.eval:
+        train_set = build_dataset(args.dataset, args.data_path, "train", seed=args.seed, transform=(
+            classification_transform(True, args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter,
+                                     re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)))
+        if train_set.classes != val_set.classes:
+            raise SystemExit(f"{args.data_path}: the train and val splits have different classes "
+                             f"({len(train_set.classes)} vs {len(val_set.classes)})")
+    num_classes, val_images = len(val_set.classes), len(val_set)
+    if args.nb_classes is not None and args.nb_classes != num_classes:
+        raise SystemExit(f"--nb_classes {args.nb_classes} but {args.dataset} at {args.data_path} has {num_classes}")
+    args.nb_classes = num_classes
+    if args.dist_eval:  # disjoint shards, no padding: the summed counts are exactly the whole set's
+        val_set = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
+    val_loader = DataLoader(val_set, sampler=SequentialSampler(val_set), batch_size=args.batch_size,
+                            num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda")
+    evaluating = args.dist_eval or dist.is_main  # without --dist_eval the main process evaluates everything
+
+    # Model
+    net = build_classifier(args.model, num_classes, mode=mode, global_pool=args.global_pool,
+                           drop_path=args.drop_path, img_size=args.input_size, partial_blocks=args.partial_blocks)
+    say(f"model: {args.model} at {args.input_size}px, {mode}"
+        + (f" of the last {args.partial_blocks} blocks" if mode == "partial" else "")
+        + f", {'global pool + fc_norm' if args.global_pool else 'cls token'}, {num_classes} classes; "
+          f"{sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
+    if args.finetune and not args.eval:
+        report, fmt = load_pretrained(net, args.finetune)
+        say(f"{report}\n(format: {fmt})")
+    net.to(device)
+    precision = Precision(args.amp, device)
+
+    if args.eval:
+        if not args.resume:
+            raise SystemExit("--eval needs --resume: the classifier checkpoint to evaluate")
+        path = latest_checkpoint(Path(args.resume))
+        if path is None:
+            raise SystemExit(f"--resume {args.resume}: no checkpoint-N.pth in that directory")
+        checkpoint = read_checkpoint(path)
+        say(load_into(net, checkpoint.state_dict, dropped=[], source=str(path)))
+        metrics = evaluate(net, val_loader, precision, sharded=args.dist_eval, show_progress=dist.is_main) \
+            if evaluating else {}
+        if dist.is_main:
+            record = {**metrics, "checkpoint": str(path), "dataset": args.dataset, "data_path": args.data_path}
+            write_json(output_dir / "eval.json", record)
+            say(f"{path} on {metrics['images']} {args.dataset} val images: top-1 {metrics['top1']:.2f}%, "
+                f"top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f} -> {output_dir / 'eval.json'}")
+        cleanup()
+        return metrics
+
+    try:
+        accum_iter = resolve_accum_iter(args.batch_size, dist.world_size, accum_iter=args.accum_iter,
+                                        effective_batch_size=args.effective_batch_size)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=args.seed)
+    train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                              pin_memory=args.pin_mem and device.type == "cuda", drop_last=True)
+    iters_per_epoch = len(train_loader) // accum_iter * accum_iter
+    if iters_per_epoch == 0:
+        raise SystemExit(f"{len(train_set)} training images: too few for one optimizer step of {args.batch_size} x "
+                         f"{accum_iter} (accum_iter) x {dist.world_size} (processes)")
+    effective_batch = args.batch_size * accum_iter * dist.world_size
+    if args.lr is None:
+        args.lr = scaled_lr(args.blr, effective_batch)
+    say(f"data: {args.dataset} at {args.data_path}: {len(train_set)} train / {val_images} val images")
+    say(f"effective batch {effective_batch} = {args.batch_size} x {accum_iter} (accum) x {dist.world_size} "
+        f"(processes); {OPTIMIZERS[mode]} lr {args.lr:.3e} (blr {args.lr * 256 / effective_batch:.3e}), "
+        f"weight decay {args.weight_decay}"
+        + (f", layer decay {args.layer_decay}" if OPTIMIZERS[mode] == "adamw" else "")
+        + f"; {iters_per_epoch} iterations per epoch")
+
+    model_without_ddp = net
+    model = net
+    if dist.world_size > 1:
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(net, mode, lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
+                                partial_blocks=args.partial_blocks, device=device)
+    scheduler = warmup_cosine(optimizer, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                              iters_per_epoch=iters_per_epoch, min_lr=args.min_lr)
+    mixup = build_mixup(args, num_classes)
+    step_fn = partial(classification_step, criterion=build_criterion(args, mixup), mixup=mixup, device=device)
+
+    last_checkpoint = None
+    if args.resume:
+        last_checkpoint = latest_checkpoint(Path(args.resume))
+        if last_checkpoint is None:
+            say(f"--resume {args.resume}: no checkpoint there yet; starting from scratch")
+        else:
+            state = load_state(last_checkpoint, model=model_without_ddp, optimizer=optimizer, precision=precision)
+            args.start_epoch = state["epoch"] + 1
+            say(f"resumed from {last_checkpoint}: epoch {state['epoch']} done, {state['iteration']} iterations")
+
+    train_model = torch.compile(model) if args.compile else model
+    log = RunLog(output_dir / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
+    max_iterations = args.max_steps * accum_iter if args.max_steps is not None else None
+    best: Dict[str, Any] = {}
+    metrics: Dict[str, Any] = {}
+    epoch = args.start_epoch - 1
+    start = time.perf_counter()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        try:
+            result = train_one_epoch(train_model, step_fn, train_loader, optimizer, scheduler, precision,
+                                     epoch=epoch, iters_per_epoch=iters_per_epoch, batch_size=args.batch_size,
+                                     accum_iter=accum_iter, log=log, log_every=args.log_every,
+                                     max_iterations=max_iterations, clip_grad=args.clip_grad)
+        except NonFiniteLossError as err:
+            log.write("error", err.iteration, {"epoch": err.epoch, "message": str(err)})
+            log.close()
+            raise SystemExit(f"{err}. Nothing was saved after it; the last good checkpoint "
+                             f"({last_checkpoint or 'none was written yet'}) is intact.") from None
+        metrics = evaluate(model_without_ddp, val_loader, precision, sharded=args.dist_eval,
+                           show_progress=dist.is_main) if evaluating else {}
+        if dist.is_main:
+            if not best or metrics["top1"] > best["top1"]:
+                best = {**metrics, "epoch": epoch}
+            log.write("epoch", result.iteration, {"epoch": epoch, "train_loss": result.loss, "lr": result.lr,
+                                                  "images_per_s": result.images_per_s, **result.counts,
+                                                  **{f"val_{k}": v for k, v in metrics.items()}})
+            log.flush()
+            say(f"epoch {epoch}: train loss {result.loss:.4f}, val top-1 {metrics['top1']:.2f}% "
+                f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f} (best top-1 {best['top1']:.2f}%), "
+                f"{result.images_per_s:.1f} images/s"
+                + "".join(f", {v} {k.replace('_', ' ')}" for k, v in result.counts.items() if v))
+        complete = result.iterations == iters_per_epoch
+        if complete and (epoch % args.save_every == 0 or epoch + 1 == args.epochs or result.stopped):
+            path = output_dir / f"checkpoint-{epoch}.pth"
+            save_state(path, model=model_without_ddp, optimizer=optimizer, precision=precision, epoch=epoch,
+                       iteration=result.iteration, args=vars(args), write=dist.is_main)
+            last_checkpoint = path
+        if result.stopped:
+            say(f"--max_steps {args.max_steps} reached")
+            break
+
+    if dist.is_main and epoch >= args.start_epoch:
+        meta = {"model": args.model, "mode": mode, "partial_blocks": args.partial_blocks,
+                "global_pool": args.global_pool, "input_size": args.input_size, "num_classes": num_classes,
+                "num_heads": model_without_ddp.blocks[0].attn.num_heads, "dataset": args.dataset, "epoch": epoch,
+                "metrics": metrics, "finetune_args": vars(args)}
+        save_checkpoint(output_dir / "classifier.safetensors", model_without_ddp.state_dict(), meta)
+        write_json(output_dir / "metrics.json", {"final": {**metrics, "epoch": epoch}, "best": best,
+                                                 "chance_top1": 100 / num_classes})
+        say(f"done in {time.perf_counter() - start:.0f}s: final top-1 {metrics['top1']:.2f}% "
+            f"(best {best['top1']:.2f}% at epoch {best['epoch']}); {output_dir / 'classifier.safetensors'}, "
+            f"{output_dir / 'metrics.json'}")
+    log.close()
+    cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())
