@@ -4,12 +4,12 @@ in the toolkit renames keys.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from ..io import CheckpointError, read_file
-from ...models.mae import DECODER_KEYS
+from ...models.mae import DECODER_KEYS, DECODERS
 from ...models.vit import ARCHS, arch_from_width
 
 __all__ = ["Format", "FORMATS", "register", "Checkpoint", "read_checkpoint", "detect_format", "HEAD_KEYS"]
@@ -29,6 +29,9 @@ class Format:
     matches: Callable[[Mapping[str, Any]], bool]  # on the unwrapped state dict's keys
     to_canonical: Callable[[StateDict], StateDict] = _identity
     from_canonical: Callable[[StateDict], StateDict] = _identity
+    # Formats stored as a directory (a HuggingFace save_pretrained folder): its (tensors, meta), or None when the
+    # directory is not in this format.
+    read_directory: Optional[Callable[[Path], Optional[Tuple[StateDict, Dict[str, Any]]]]] = None
 
 
 FORMATS: Dict[str, Format] = {}
@@ -60,6 +63,17 @@ class Checkpoint:
     def kind(self) -> str:
         """'full' (encoder + decoder), 'finetuned' (encoder + classifier head) or 'encoder'."""
         return "full" if self.has_decoder else "finetuned" if self.has_head else "encoder"
+
+    @property
+    def decoder_num_heads(self) -> Optional[int]:
+        """Decoder heads: from our metadata, else those of our decoder of that width (512 wide: the reference's 16);
+        None without a decoder or for an unknown width."""
+        if not self.has_decoder:
+            return None
+        if "decoder_num_heads" in self.meta:
+            return int(self.meta["decoder_num_heads"])
+        width = self.state_dict["decoder_embed.weight"].shape[0]
+        return next((d["decoder_num_heads"] for d in DECODERS.values() if d["decoder_embed_dim"] == width), None)
 
     def encoder_state_dict(self) -> StateDict:
         return {k: v for k, v in self.state_dict.items() if not k.startswith(DECODER_KEYS + HEAD_KEYS)}
@@ -108,6 +122,8 @@ def _unwrap(obj: Any, path: Path):
 def read_checkpoint(path) -> Checkpoint:
     """Read any recognised checkpoint safely and return it in canonical key names."""
     path = Path(path)
+    if path.is_dir():
+        return _read_directory(path)
     obj, meta = read_file(path)
     if meta:  # ours: safetensors with our metadata header, canonical keys
         return Checkpoint(path, "mae_transfer", dict(obj), meta)
@@ -121,6 +137,16 @@ def read_checkpoint(path) -> Checkpoint:
     return Checkpoint(path, fmt.name, fmt.to_canonical(tensors), meta, extras)
 
 
+def _read_directory(path: Path) -> Checkpoint:
+    for fmt in FORMATS.values():
+        found = fmt.read_directory(path) if fmt.read_directory else None
+        if found is not None:
+            tensors, meta = found
+            return Checkpoint(path, fmt.name, fmt.to_canonical(tensors), meta)
+    raise CheckpointError(f"{path} is a directory, not a checkpoint; the directories read here are HuggingFace "
+                          "save_pretrained folders (config.json + model.safetensors)")
+
+
 # Canonical layouts. 'mae': the reference's released files ({'model': ...}); 'timm': the same keys, bare.
 def _is_canonical(sd: Mapping[str, Any]) -> bool:
     return "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd
@@ -130,3 +156,5 @@ register(Format("mae", "MAE reference layout ({'model': state_dict}); encoder-on
                 _is_canonical))
 register(Format("timm", "timm VisionTransformer state dict (same names as the reference, no container)",
                 _is_canonical))
+
+from . import hf  # noqa: E402,F401  (registers the format)

@@ -1,0 +1,89 @@
+"""tools/convert_checkpoint.py on bad input: a clear error naming the problem, and nothing written."""
+import os
+
+import pytest
+import torch
+
+import mae_transfer.checkpoints.convert as convert_module
+from convert_helpers import listing, load_tool, tiny_mae
+from mae_transfer.models import vit_tiny_patch16
+
+convert_tool = load_tool("convert_checkpoint")
+
+
+@pytest.fixture
+def sources(tmp_path):
+    mae = tiny_mae()
+    torch.save({"model": mae.state_dict()}, tmp_path / "full.pth")
+    torch.save({"model": mae.encoder_state_dict()}, tmp_path / "enc.pth")
+    torch.save({"model": vit_tiny_patch16(img_size=32, patch_size=8, depth=2, global_pool="avg",
+                                          num_classes=10).state_dict()}, tmp_path / "ft.pth")
+    return tmp_path
+
+
+def fails(capsys, folder, *argv, match: str) -> None:
+    """The tool exits 1 with `match` in its error, and `folder` holds exactly what it held before."""
+    before = listing(folder)
+    assert convert_tool.main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert match in err and "nothing was written" in err, err
+    assert listing(folder) == before
+
+
+def test_unknown_layout(tmp_path, capsys):
+    torch.save({"model": {"encoder.conv1.weight": torch.zeros(2)}}, tmp_path / "resnet.pth")
+    fails(capsys, tmp_path, tmp_path / "resnet.pth", tmp_path / "out.pth", "--to", "mae",
+          match="resnet.pth: unrecognised checkpoint layout (first keys: encoder.conv1.weight)")
+
+
+def test_missing_truncated_and_malicious_files(sources, capsys):
+    fails(capsys, sources, sources / "nope.pth", sources / "out.pth", "--to", "mae", match="not found: ")
+    data = (sources / "full.pth").read_bytes()
+    (sources / "half.pth").write_bytes(data[: len(data) // 2])
+    fails(capsys, sources, sources / "half.pth", sources / "out.pth", "--to", "mae", match="half.pth: not a readable")
+
+    marker = sources / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": tiny_mae().state_dict(), "payload": Exploit()}, sources / "evil.pth")
+    fails(capsys, sources, sources / "evil.pth", sources / "out.pth", "--to", "mae", match="evil.pth: refused to load")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("src, dst, extra, match", [
+    ("enc.pth", "hf", [], "ViTMAEForPreTraining needs the MAE decoder"),
+    ("ft.pth", "hf", ["--encoder-only"], "replaces by fc_norm"),
+    ("full.pth", "out.safetensors", ["--to", "mae"], "--to mae writes a .pth file"),
+    ("full.pth", "out.pth", [], "--to hf writes a directory"),
+    ("full.pth", "out.pth", ["--to", "mae", "--patch-size", "16"], "add --encoder-only"),
+    ("full.pth", "out.pth", ["--to", "mae", "--img-size", "36"], "--img-size 36 is not a multiple of the patch size 8"),
+])
+def test_requests_that_do_not_fit_the_source_or_the_target(sources, capsys, src, dst, extra, match):
+    to = [] if "--to" in extra else ["--to", "hf"]
+    fails(capsys, sources, sources / src, sources / dst, *to, *extra, match=match)
+
+
+def test_unknown_target_is_a_usage_error(sources, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        convert_tool.main([str(sources / "full.pth"), str(sources / "out.onnx"), "--to", "onnx"])
+    assert exit_.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_an_existing_destination_is_never_overwritten(sources, capsys):
+    (sources / "precious.pth").write_bytes(b"precious")
+    fails(capsys, sources, sources / "full.pth", sources / "precious.pth", "--to", "mae", match="already exists")
+    assert (sources / "precious.pth").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("to, dst", [("hf", "out"), ("timm", "out.safetensors")])
+def test_a_failed_write_leaves_nothing_behind(sources, capsys, monkeypatch, to, dst):
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(convert_module, "save_file", disk_full)
+    fails(capsys, sources, sources / "full.pth", sources / dst, "--to", to, match="No space left on device")

@@ -1,0 +1,75 @@
+"""tools/inspect_checkpoint.py: format, architecture, parts, parameter count and dtype of any checkpoint."""
+import argparse
+import json
+
+import torch
+
+from convert_helpers import load_tool, tiny_mae
+from mae_transfer.checkpoints import load_into, read_checkpoint
+from mae_transfer.models import create_model, vit_tiny_patch16
+
+inspect_tool = load_tool("inspect_checkpoint")
+
+
+def inspect(capsys, path, *flags):
+    assert inspect_tool.main([str(path), *flags]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out) if "--json" in flags else out
+
+
+def numel(sd) -> int:
+    return sum(v.numel() for v in sd.values())
+
+
+def test_a_reference_training_checkpoint(tmp_path, capsys):
+    mae = tiny_mae()
+    sd = mae.state_dict()
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
+                "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_tiny_patch16")}, path)
+    info = inspect(capsys, path, "--json")
+    assert (info["format"], info["kind"]) == ("mae", "full")
+    assert info["present"] == {"encoder": True, "decoder": True, "head": False, "optimizer_state": True,
+                               "epoch": 799}
+    assert info["other_entries"] == ["args", "scaler"]
+    encoder = numel(mae.encoder_state_dict())
+    assert info["parameters"] == {"encoder": encoder, "decoder": numel(sd) - encoder, "total": numel(sd)}
+    assert info["tensors"] == len(sd) and info["dtypes"] == {"float32": len(sd)}
+    arch = info["architecture"]
+    assert (arch["embed_dim"], arch["depth"], arch["num_heads"], arch["patch_size"], arch["img_size"]) == (
+        192, 2, 3, 8, 32)
+    assert (arch["decoder_embed_dim"], arch["decoder_depth"], arch["decoder_num_heads"]) == (128, 2, 4)
+    assert arch["num_heads_source"] == "standard for this width"
+
+    text = inspect(capsys, path)
+    assert "  kind          full: encoder + MAE decoder (pretraining)" in text
+    assert "ViT width 192, depth 2, heads 3 (standard for this width), patch 8, image 32 (4x4 patches)" in text
+    assert "  decoder       width 128, depth 2, heads 4" in text
+    assert "optimizer state yes, epoch 799" in text
+    assert f"  parameters    {numel(sd) / 1e6:.2f}M in {len(sd)} tensors" in text
+
+
+def test_the_builder_it_prints_builds_a_model_the_checkpoint_loads_into(tmp_path, capsys):
+    model = vit_tiny_patch16(img_size=32, patch_size=8, global_pool="avg", num_classes=10).half()
+    torch.save(model.state_dict(), tmp_path / "vit_tiny_ft.pth")
+    info = inspect(capsys, tmp_path / "vit_tiny_ft.pth", "--json")
+    assert (info["format"], info["kind"]) == ("timm", "finetuned")
+    assert info["architecture"]["num_classes"] == 10 and info["dtypes"] == {"float16": len(model.state_dict())}
+    assert info["builder"] == ("create_model('vit_tiny_patch16', patch_size=8, img_size=32, global_pool='avg', "
+                               "num_classes=10)")
+    built = eval(info["builder"], {"create_model": create_model})  # noqa: S307 (our own output)
+    load_into(built, read_checkpoint(tmp_path / "vit_tiny_ft.pth").state_dict, dropped=())
+    assert "  dtype         float16" in inspect(capsys, tmp_path / "vit_tiny_ft.pth")
+
+
+def test_hf_directory_and_unreadable_input(tmp_path, capsys):
+    convert_tool = load_tool("convert_checkpoint")
+    torch.save({"model": tiny_mae().state_dict()}, tmp_path / "full.pth")
+    assert convert_tool.main([str(tmp_path / "full.pth"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    capsys.readouterr()
+    text = inspect(capsys, tmp_path / "hf")
+    assert "  format        hf: " in text and "heads 3 (recorded)" in text and "layer_norm_eps=1e-06" in text
+
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert inspect_tool.main([str(tmp_path / "junk.pth")]) == 1
+    assert "junk.pth: " in capsys.readouterr().err
