@@ -146,3 +146,33 @@ def test_train_transforms_follow_the_protocol():
     linprobe = repr(classification_transform(True, 64))
     assert "RandAugment" not in linprobe and "RandomErasing" not in linprobe and "ColorJitter" not in linprobe
     assert "RandomResizedCrop" in linprobe and "RandomHorizontalFlip" in linprobe
+
+
+def _randaugment_ops(transform, name):
+    steps = transform.transform.transforms
+    return [op for step in steps for op in getattr(step, "ops", ()) if op.name == name]
+
+
+def test_randaugment_posterize_at_the_top_magnitude_blacks_out_instead_of_crashing():
+    transform = classification_transform(True, 32, auto_augment="rand-m9-mstd0.5-inc1")
+    (op,) = _randaugment_ops(transform, "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # level 10 -> keep 4 - 4 = 0 bits
+    out = op(Image.fromarray(np.full((8, 8, 3), 200, np.uint8)))
+    assert np.array(out).max() == 0
+    op.magnitude = 5  # level 5 -> keep 2 bits: 200 = 0b11001000 -> 0b11000000
+    assert np.array(op(Image.fromarray(np.full((8, 8, 3), 200, np.uint8)))).max() == 192
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index_only(tmp_path):
+    import random
+    for i in range(3):
+        _image(tmp_path / "train" / "a" / f"{i}.png", value=60 * i + 20, size=48)
+    transform = classification_transform(True, 32, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    dataset = build_dataset("imagefolder", tmp_path, "train", transform, seed=7)
+    dataset.set_epoch(3)
+    first = dataset[1].input
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)  # unrelated global draws in between
+    [dataset[i] for i in range(3)]
+    assert torch.equal(dataset[1].input, first)
+    dataset.set_epoch(4)
+    assert not torch.equal(dataset[1].input, first)

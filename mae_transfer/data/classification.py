@@ -16,11 +16,16 @@ rather than hours into it; errors name the file and the line or entry.
 """
 import json
 import os
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import auto_augment as auto_augment_ops
 
 from .images import ImageFolderDataset
 
@@ -219,6 +224,41 @@ def build_dataset(name: str, data_path, split: str, transform: Optional[Callable
     return DATASETS[name](Path(data_path), split, transform, seed)
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize for every RandAugment level: keeping 0 bits gives a black image, as it did before
+    Pillow 13, whose ImageOps.posterize rejects 0. 'rand-m9-mstd0.5-inc1' asks for 0 bits whenever its sampled
+    magnitude reaches the upper bound 10 (2.3% of the draws), which would crash a run within its first epoch."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment_ops.posterize(img, bits_to_keep)
+
+
+class _SeededFromTorch:
+    """Runs a transform with Python's and NumPy's global generators seeded from torch's generator.
+
+    timm's RandAugment and random erasing draw from `random` and `numpy.random`; ImageFolderDataset seeds only
+    torch per sample, so this carries its per-sample seed to them: an augmented sample is then the same with any
+    number of loader workers and after a resume. The global generators are restored afterwards.
+    """
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, image):
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.transform(image)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r})"
+
+
 def classification_transform(is_train: bool, input_size: int, *, auto_augment: Optional[str] = None,
                              color_jitter: Optional[float] = None, re_prob: float = 0.0, re_mode: str = "pixel",
                              re_count: int = 1) -> Callable:
@@ -228,10 +268,15 @@ def classification_transform(is_train: bool, input_size: int, *, auto_augment: O
     fine-tuning recipe asks for 'rand-m9-mstd0.5-inc1' and 0.25; linear probing for neither). Evaluation: resize the
     short side to input_size / 0.875 (bicubic) and centre-crop input_size; above 224 px no margin (crop ratio 1).
     """
-    if is_train:
-        return create_transform(input_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
-                                interpolation="bicubic", re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+    if not is_train:
+        return create_transform(input_size, is_training=False, interpolation="bicubic",
+                                crop_pct=224 / 256 if input_size <= 224 else 1.0,
                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    return create_transform(input_size, is_training=False, interpolation="bicubic",
-                            crop_pct=224 / 256 if input_size <= 224 else 1.0,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    transform = create_transform(input_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
+                                 interpolation="bicubic", re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):  # the AugmentOps of RandAugment / AutoAugment
+            if op.aug_fn is auto_augment_ops.posterize:
+                op.aug_fn = _posterize
+    return _SeededFromTorch(transform)
