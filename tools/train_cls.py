@@ -32,7 +32,7 @@ from mae_transfer.checkpoints import atomic_path, load_into, read_checkpoint, sa
 from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESETS, build_classifier, build_optimizer,
                               evaluate, load_pretrained, resolve_mode)
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
-from mae_transfer.engine import (AMP_MODES, NonFiniteLossError, Precision, RunLog, cleanup, init_distributed,
+from mae_transfer.engine import (AMP_MODES, DistInfo, NonFiniteLossError, Precision, RunLog, cleanup, init_distributed,
                                  latest_checkpoint, load_state, save_state, scaled_lr, seed_everything,
                                  train_one_epoch, warmup_cosine)
 from mae_transfer.engine.batch import resolve_accum_iter
@@ -166,6 +166,11 @@ def build_criterion(args: argparse.Namespace, mixup: Optional[Mixup]) -> torch.n
     return torch.nn.CrossEntropyLoss()
 
 
+def printer(dist: DistInfo):
+    """print on the main process, nothing elsewhere."""
+    return print if dist.is_main else (lambda *a, **k: None)
+
+
 def write_json(path: Path, record: Dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -173,15 +178,16 @@ def write_json(path: Path, record: Dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     """Train (or with --eval, evaluate); returns the final validation metrics."""
+    if args.eval and not args.resume:
+        raise SystemExit("--eval needs --resume: the classifier checkpoint to evaluate")
     dist = init_distributed(args.device)
     device = dist.device
-    say = print if dist.is_main else (lambda *a, **k: None)
+    say = printer(dist)
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="%(message)s")
     seed_everything(args.seed + dist.rank)
     mode = resolve_mode(args.mode, args.partial_blocks)
-    output_dir = Path(args.output_dir)
     if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     # Data
     val_set = build_dataset(args.dataset, args.data_path, "val", classification_transform(False, args.input_size))
@@ -193,15 +199,16 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         if train_set.classes != val_set.classes:
             raise SystemExit(f"{args.data_path}: the train and val splits have different classes "
                              f"({len(train_set.classes)} vs {len(val_set.classes)})")
-    num_classes, val_images = len(val_set.classes), len(val_set)
+    num_classes = len(val_set.classes)
     if args.nb_classes is not None and args.nb_classes != num_classes:
         raise SystemExit(f"--nb_classes {args.nb_classes} but {args.dataset} at {args.data_path} has {num_classes}")
     args.nb_classes = num_classes
-    if args.dist_eval:  # disjoint shards, no padding: the summed counts are exactly the whole set's
+    # Without --dist_eval the main process evaluates the whole set; with it, each process a disjoint shard (no
+    # padding, unlike DistributedSampler), so the summed counts are exactly the whole set's.
+    if args.dist_eval:
         val_set = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
     val_loader = DataLoader(val_set, sampler=SequentialSampler(val_set), batch_size=args.batch_size,
                             num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda")
-    evaluating = args.dist_eval or dist.is_main  # without --dist_eval the main process evaluates everything
 
     # Model
     net = build_classifier(args.model, num_classes, mode=mode, global_pool=args.global_pool,
@@ -216,24 +223,39 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     net.to(device)
     precision = Precision(args.amp, device)
 
-    if args.eval:
-        if not args.resume:
-            raise SystemExit("--eval needs --resume: the classifier checkpoint to evaluate")
-        path = latest_checkpoint(Path(args.resume))
-        if path is None:
-            raise SystemExit(f"--resume {args.resume}: no checkpoint-N.pth in that directory")
-        checkpoint = read_checkpoint(path)
-        say(load_into(net, checkpoint.state_dict, dropped=[], source=str(path)))
-        metrics = evaluate(net, val_loader, precision, sharded=args.dist_eval, show_progress=dist.is_main) \
-            if evaluating else {}
-        if dist.is_main:
-            record = {**metrics, "checkpoint": str(path), "dataset": args.dataset, "data_path": args.data_path}
-            write_json(output_dir / "eval.json", record)
-            say(f"{path} on {metrics['images']} {args.dataset} val images: top-1 {metrics['top1']:.2f}%, "
-                f"top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f} -> {output_dir / 'eval.json'}")
+    try:
+        if args.eval:
+            return evaluate_checkpoint(args, net, val_loader, precision, dist)
+        return train(args, net, train_set, val_loader, precision, dist)
+    finally:
         cleanup()
-        return metrics
 
+
+def evaluate_checkpoint(args: argparse.Namespace, net: torch.nn.Module, val_loader: DataLoader,
+                        precision: Precision, dist: DistInfo) -> Dict[str, Any]:
+    """--eval: the whole classifier from --resume (any recognised checkpoint), evaluated; eval.json written."""
+    say = printer(dist)
+    path = latest_checkpoint(Path(args.resume))
+    if path is None:
+        raise SystemExit(f"--resume {args.resume}: no checkpoint-N.pth in that directory")
+    say(load_into(net, read_checkpoint(path).state_dict, dropped=[], source=str(path)))
+    if not (args.dist_eval or dist.is_main):
+        return {}
+    metrics = evaluate(net, val_loader, precision, sharded=args.dist_eval, show_progress=dist.is_main)
+    if dist.is_main:
+        output = Path(args.output_dir) / "eval.json"
+        write_json(output, {**metrics, "checkpoint": str(path), "dataset": args.dataset, "data_path": args.data_path})
+        say(f"{path} on {metrics['images']} {args.dataset} val images: top-1 {metrics['top1']:.2f}%, "
+            f"top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f} -> {output}")
+    return metrics
+
+
+def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader: DataLoader, precision: Precision,
+          dist: DistInfo) -> Dict[str, Any]:
+    """Train from the model as built and loaded (or resume), evaluating after every epoch."""
+    say = printer(dist)
+    device, mode, output_dir = dist.device, resolve_mode(args.mode, args.partial_blocks), Path(args.output_dir)
+    num_classes = args.nb_classes
     try:
         accum_iter = resolve_accum_iter(args.batch_size, dist.world_size, accum_iter=args.accum_iter,
                                         effective_batch_size=args.effective_batch_size)
@@ -250,7 +272,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     effective_batch = args.batch_size * accum_iter * dist.world_size
     if args.lr is None:
         args.lr = scaled_lr(args.blr, effective_batch)
-    say(f"data: {args.dataset} at {args.data_path}: {len(train_set)} train / {val_images} val images")
+    say(f"data: {args.dataset} at {args.data_path}: {len(train_set)} train / {len(val_loader.dataset)} val images"
+        + (f" (this process's share: --dist_eval)" if args.dist_eval and dist.world_size > 1 else ""))
     say(f"effective batch {effective_batch} = {args.batch_size} x {accum_iter} (accum) x {dist.world_size} "
         f"(processes); {OPTIMIZERS[mode]} lr {args.lr:.3e} (blr {args.lr * 256 / effective_batch:.3e}), "
         f"weight decay {args.weight_decay}"
@@ -299,7 +322,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             raise SystemExit(f"{err}. Nothing was saved after it; the last good checkpoint "
                              f"({last_checkpoint or 'none was written yet'}) is intact.") from None
         metrics = evaluate(model_without_ddp, val_loader, precision, sharded=args.dist_eval,
-                           show_progress=dist.is_main) if evaluating else {}
+                           show_progress=dist.is_main) if args.dist_eval or dist.is_main else {}
         if dist.is_main:
             if not best or metrics["top1"] > best["top1"]:
                 best = {**metrics, "epoch": epoch}
@@ -333,7 +356,6 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             f"(best {best['top1']:.2f}% at epoch {best['epoch']}); {output_dir / 'classifier.safetensors'}, "
             f"{output_dir / 'metrics.json'}")
     log.close()
-    cleanup()
     return metrics
 
 
