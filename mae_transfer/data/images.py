@@ -1,0 +1,124 @@
+"""Image folders for pretraining: any tree of images, with or without class sub-folders.
+
+Three properties matter on long runs:
+- A corrupt or unreadable file is reported by path and replaced by the next readable image, so a batch keeps
+  its size and the run keeps going; each sample says how many files it skipped, and the training loop counts them.
+- With a seed, each sample's randomness (crop, flip, masking noise) comes from a generator seeded by
+  (seed, epoch, index) alone: a run gives the same result with any number of processes or loader workers, and a
+  resumed run sees exactly the samples the uninterrupted one would have.
+- Files are listed once with os.walk and no per-file stat, which matters for ImageNet's 1.28M files.
+"""
+import logging
+import os
+from pathlib import Path
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+__all__ = ["Sample", "ImageFolderDataset", "list_images", "sample_seed", "pretrain_transform", "WithMaskNoise"]
+
+logger = logging.getLogger(__name__)
+
+
+class Sample(NamedTuple):
+    input: object       # whatever the transform returns (an image tensor, or (image, noise) for pretraining)
+    label: int          # class index, or -1 in a folder without class sub-folders
+    unreadable: int     # files skipped (unreadable) to produce this sample
+
+
+def list_images(root: Path) -> Tuple[List[Path], List[int], List[str]]:
+    """Image files under `root` in sorted order, their labels and the class names.
+
+    If every image sits inside a top-level sub-folder, those sub-folders are the classes (torchvision's
+    ImageFolder convention); otherwise the folder is unlabeled and every label is -1.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files: List[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(Path(dirpath, f) for f in sorted(filenames)
+                     if not f.startswith(".") and has_file_allowed_extension(f, IMG_EXTENSIONS))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
+    top = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in files]
+    if any(t is None for t in top):
+        return files, [-1] * len(files), []
+    classes = sorted(set(top))
+    index = {c: i for i, c in enumerate(classes)}
+    return files, [index[t] for t in top], classes
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 64-bit seed for one sample of one epoch (NumPy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class ImageFolderDataset(Dataset):
+    """Images under `root` (see `list_images`), decoded to RGB and passed through `transform`."""
+
+    def __init__(self, root: Path, transform: Optional[Callable] = None, seed: Optional[int] = None):
+        self.root = Path(root)
+        self.files, self.labels, self.classes = list_images(self.root)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's per-sample randomness (loader workers must be re-created each epoch, the default)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, index: int) -> Tuple[Image.Image, int, int]:
+        """The image at `index`, or the next readable one after it; also returns its index and the skip count."""
+        for skipped in range(len(self.files)):
+            i = (index + skipped) % len(self.files)
+            try:
+                with open(self.files[i], "rb") as f:
+                    return Image.open(f).convert("RGB"), i, skipped
+            except Exception as err:  # any decoding failure (PIL raises OSError, ValueError, SyntaxError...)
+                logger.warning("skipping unreadable image %s: %s: %s", self.files[i], type(err).__name__, err)
+        raise RuntimeError(f"none of the {len(self.files)} images under {self.root} could be read")
+
+    def __getitem__(self, index: int) -> Sample:
+        image, i, skipped = self._load(index)
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
+                if self.seed is not None:
+                    torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                image = self.transform(image)
+        return Sample(image, self.labels[i], skipped)
+
+
+def pretrain_transform(input_size: int) -> transforms.Compose:
+    """The MAE pretraining augmentation: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, ImageNet norm."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+class WithMaskNoise:
+    """Pairs each transformed image with its masking noise (L,), drawn in the loader workers from the same
+    per-sample generator, so which patches are masked is reproducible too."""
+
+    def __init__(self, transform: Callable, noise_fn: Callable[[], torch.Tensor]):
+        self.transform = transform
+        self.noise_fn = noise_fn  # () -> (1, L), e.g. partial(masking_noise, 'random', 1, grid, mask_ratio)
+
+    def __call__(self, image: Image.Image) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(image), self.noise_fn()[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r}, noise={self.noise_fn!r})"

@@ -1,0 +1,95 @@
+"""Resumable training state: everything a run needs to continue as if it had never stopped.
+
+Model, optimizer, gradient scaler, the epoch just completed, the iteration count (which is the schedule's
+position) and every process's random-number generators (torch CPU and CUDA, NumPy, Python). The file holds only
+tensors and plain containers, so it reloads with torch.load(weights_only=True), and it is written atomically: a run
+killed while saving leaves the previous checkpoint untouched.
+"""
+import random
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoints import CheckpointError, load_training_state, save_training_state
+from .amp import Precision
+from .distributed import all_gather_object, get_rank, get_world_size
+
+__all__ = ["rng_state", "set_rng_state", "save_state", "load_state", "latest_checkpoint"]
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth")
+
+
+def rng_state() -> Dict[str, Any]:
+    """This process's generator states as tensors and tuples of ints."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(state["python"])
+
+
+def save_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+               epoch: int, iteration: int, args: Dict[str, Any], write: bool) -> None:
+    """Save after `epoch` (0-based) completed, `iteration` data iterations in all.
+
+    Collective: every process contributes its RNG state; only the one with `write` set writes the file.
+    """
+    rng = all_gather_object(rng_state())
+    if not write:
+        return
+    save_training_state(path, {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": precision.state_dict(),
+        "epoch": epoch,
+        "iteration": iteration,
+        "rng": rng,
+        "args": args,
+    })
+
+
+def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+               precision: Precision) -> Dict[str, Any]:
+    """Restore a state saved by `save_state` into the given objects and this process's RNGs.
+
+    Returns the state (its 'epoch', 'iteration' and 'args' tell the caller where to continue). RNG states are
+    restored per rank when the world size is unchanged; otherwise generators keep their fresh seeds.
+    """
+    state = load_training_state(path)
+    missing = [k for k in ("model", "optimizer", "epoch", "iteration", "rng") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training state saved by mae-transfer (missing {', '.join(missing)})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    precision.load_state_dict(state.get("scaler", {}))
+    if len(state["rng"]) == get_world_size():
+        set_rng_state(state["rng"][get_rank()])
+    return state
+
+
+def latest_checkpoint(path: Path) -> Optional[Path]:
+    """`path` if it is a file, else the checkpoint-N.pth in the directory `path` with the largest N (or None)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such file or directory")
+    found: List[Path] = [p for p in path.iterdir() if CHECKPOINT_PATTERN.fullmatch(p.name)]
+    return max(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)), default=None)

@@ -1,0 +1,73 @@
+"""Shared by the pretraining tests: tiny image folders drawn with PIL, and tiny runs of pretrain/main_pretrain.py."""
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "pretrain" / "main_pretrain.py"
+
+
+def make_image_folder(root: Path, n: int, size: int = 40, seed: int = 0, corrupt: Iterable[int] = ()) -> List[Path]:
+    """n PNGs named 000.png.. (a colour gradient with a rectangle: structure an MAE can learn); the indices in
+    `corrupt` are written as files that no decoder can read."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    paths = []
+    for i in range(n):
+        path = root / f"{i:03d}.png"
+        if i in set(corrupt):
+            path.write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(64))  # PNG signature, garbage after it
+        else:
+            a, b, c = rng.uniform(0, 1, (3, 3))
+            img = np.stack([a[k] * xx + b[k] * yy + c[k] * 0.3 for k in range(3)], -1)
+            top, left = rng.integers(0, size // 2, 2)
+            img[top:top + size // 3, left:left + size // 3] = rng.uniform(0, 1, 3)
+            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def tiny_flags(data: Path, out: Path, **overrides) -> List[str]:
+    """Flags for a ViT-Tiny MAE at 32 px (4 patches, 1 visible) that runs a few steps in about a second."""
+    flags: Dict[str, object] = dict(model="mae_vit_tiny_patch16", input_size=32, batch_size=4, epochs=3,
+                                    warmup_epochs=1, blr=1e-2, num_workers=0, save_every=1, log_every=1, seed=0,
+                                    device="cpu", data_path=data, output_dir=out)
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+@contextmanager
+def one_thread():
+    """Tiny models run fastest on one thread, and OpenMP threads that spin while other processes hold the cores
+    can make them tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def subprocess_env() -> Dict[str, str]:
+    """The test environment for child processes: the repo importable, one thread (see one_thread)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS="1")
+
+
+def run_main(argv: List[str], launcher: List[str] = (sys.executable,), **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, str(MAIN), *argv], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300, **kwargs)

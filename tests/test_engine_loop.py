@@ -1,0 +1,97 @@
+import json
+import math
+
+import pytest
+import torch
+
+from mae_transfer.engine import (NonFiniteLossError, Precision, RunLog, adamw, param_groups, train_one_epoch,
+                                 warmup_cosine)
+
+CPU = torch.device("cpu")
+
+
+def _regression(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(5, 3)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    return model, x, y
+
+
+def mse_step(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y), {"samples": len(x)}
+
+
+def _train(model, batches, *, accum_iter, batch_size, epochs=1, **kwargs):
+    opt = adamw(param_groups(model, 0.05), lr=0.1)
+    ipe = len(batches)
+    sched = warmup_cosine(opt, epochs=epochs + 1, warmup_epochs=1, iters_per_epoch=ipe)
+    results = []
+    for epoch in range(epochs):
+        results.append(train_one_epoch(model, mse_step, batches, opt, sched, Precision("none", CPU), epoch=epoch,
+                                       iters_per_epoch=ipe, batch_size=batch_size, accum_iter=accum_iter, **kwargs))
+    return results
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    big, x, y = _regression()
+    small, _, _ = _regression()
+    _train(big, [(x[:8], y[:8]), (x[8:], y[8:])], accum_iter=1, batch_size=8, epochs=2)
+    # Same samples, in micro-batches of 4 accumulated in pairs: the same two optimizer steps per epoch.
+    results = _train(small, [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)], accum_iter=2, batch_size=4,
+                     epochs=2)
+    for a, b in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert results[-1].counts == {"samples": 16} and results[-1].iteration == 8
+
+
+def test_non_finite_loss_names_its_step_even_between_logging_steps():
+    model, x, y = _regression()
+    y = y.clone()
+    batches = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 16, 2)]
+    batches[5] = (batches[5][0], torch.full_like(batches[5][1], math.nan))
+    with pytest.raises(NonFiniteLossError, match=r"at step 5 \(epoch 0, iteration 5\)") as err:
+        _train(model, batches, accum_iter=1, batch_size=2, log_every=4)  # checked after iterations 4 and 8
+    assert err.value.iteration == 5 and math.isnan(err.value.value)
+
+
+def test_logging_steps_epoch_end_and_max_iterations(tmp_path):
+    model, x, y = _regression()
+    batches = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 16, 2)]
+    log = RunLog(tmp_path / "log.jsonl", tmp_path / "tb")
+    results = _train(model, batches, accum_iter=2, batch_size=2, epochs=2, log=log, log_every=3,
+                     max_iterations=12)
+    log.close()
+    assert [r.iterations for r in results] == [8, 4] and results[1].stopped and not results[0].stopped
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    # Logged after iterations 3, 6, 8 (epoch end) of epoch 0, then 3 and the stop at 4 in epoch 1.
+    assert [r["step"] for r in records] == [3, 6, 8, 11, 12]
+    assert all(r["kind"] == "step" and math.isfinite(r["loss"]) and r["lr"] > 0 for r in records)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_precision_modes():
+    assert Precision("auto", CPU).dtype is None and not Precision("auto", CPU).scaler.is_enabled()
+    with pytest.raises(ValueError, match="--amp fp16 needs a CUDA device"):
+        Precision("fp16", CPU)
+    with pytest.raises(ValueError, match="--amp must be one of"):
+        Precision("fp8", CPU)
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with Precision("bf16", CPU).autocast():
+        assert (a @ b).dtype == torch.bfloat16
+    with Precision("none", CPU).autocast():
+        assert (a @ b).dtype == torch.float32
+
+
+def test_backward_without_update_accumulates_and_update_steps():
+    model, x, y = _regression()
+    opt = adamw(param_groups(model, 0.0), lr=0.1)
+    precision = Precision("none", CPU)
+    before = model.weight.detach().clone()
+    precision.backward(mse_step(model, (x, y))[0], opt, update=False)
+    first = model.weight.grad.clone()
+    precision.backward(mse_step(model, (x, y))[0], opt, update=False)
+    torch.testing.assert_close(model.weight.grad, 2 * first)
+    assert torch.equal(model.weight, before)
+    precision.backward(mse_step(model, (x, y))[0], opt, update=True)
+    assert model.weight.grad is None and not torch.equal(model.weight, before)

@@ -1,0 +1,87 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mae_transfer.checkpoints import CheckpointError
+from mae_transfer.engine import (Precision, adamw, latest_checkpoint, load_state, param_groups, rng_state,
+                                 save_state, set_rng_state)
+
+
+def _draws():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(1).tolist(), random.random()
+
+
+def test_rng_state_round_trip_covers_torch_numpy_python():
+    np.random.randn()  # leave a cached Gaussian in NumPy's state
+    state = rng_state()
+    first = _draws()
+    set_rng_state(state)
+    assert _draws() == first
+
+
+def _model_and_optimizer(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+    return model, adamw(param_groups(model, 0.05), lr=1e-2)
+
+
+def _train_step(model, opt):
+    loss = model(torch.randn(16, 4)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_saved_state_reloads_weights_only_and_continues_identically(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    precision = Precision("none", torch.device("cpu"))
+    for _ in range(3):
+        _train_step(model, opt)
+    path = tmp_path / "checkpoint-2.pth"
+    save_state(path, model=model, optimizer=opt, precision=precision, epoch=2, iteration=30,
+               args={"blr": 1.5e-4, "model": "mae_vit_tiny_patch16"}, write=True)
+    raw = torch.load(path, weights_only=True)  # plain tensors and containers only
+    assert raw["epoch"] == 2 and raw["iteration"] == 30 and len(raw["rng"]) == 1
+
+    _train_step(model, opt)  # the uninterrupted continuation
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    fresh, fresh_opt = _model_and_optimizer(1)  # different init: everything must come from the file
+    state = load_state(path, model=fresh, optimizer=fresh_opt, precision=Precision("none", torch.device("cpu")))
+    assert state["args"]["model"] == "mae_vit_tiny_patch16"
+    _train_step(fresh, fresh_opt)  # same RNG draws for the batch, same Adam moments
+    for a, b in zip(expected, fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    precision = Precision("none", torch.device("cpu"))
+    path = tmp_path / "checkpoint-0.pth"
+    save_state(path, model=model, optimizer=opt, precision=precision, epoch=0, iteration=1, args={}, write=True)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_state(path, model=model, optimizer=opt, precision=precision, epoch=1, iteration=2,
+                   args={"unpicklable": lambda: None}, write=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0.pth"]  # no temporary file left
+
+
+def test_latest_checkpoint(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for name in ["checkpoint-2.pth", "checkpoint-10.pth", ".checkpoint-11.pth.x.tmp", "checkpoint-x.pth"]:
+        (tmp_path / name).write_bytes(b"")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10.pth"
+    assert latest_checkpoint(tmp_path / "checkpoint-2.pth").name == "checkpoint-2.pth"
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        latest_checkpoint(tmp_path / "missing")
+
+
+def test_loading_a_weights_file_as_training_state_is_a_clear_error(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"model": {"w": torch.zeros(1)}}, path)
+    model, opt = _model_and_optimizer(0)
+    with pytest.raises(CheckpointError, match="not a training state"):
+        load_state(path, model=model, optimizer=opt, precision=Precision("none", torch.device("cpu")))

@@ -1,0 +1,63 @@
+import logging
+from functools import partial
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, list_images, pretrain_transform
+from mae_transfer.models import masking_noise
+from pretrain_helpers import make_image_folder
+
+
+def test_folders_with_and_without_class_subfolders(tmp_path):
+    make_image_folder(tmp_path / "flat", 3)
+    files, labels, classes = list_images(tmp_path / "flat")
+    assert [f.name for f in files] == ["000.png", "001.png", "002.png"] and labels == [-1] * 3 and classes == []
+
+    make_image_folder(tmp_path / "cls" / "dog", 2)
+    make_image_folder(tmp_path / "cls" / "cat" / "nested", 1)
+    (tmp_path / "cls" / "notes.txt").write_text("not an image")
+    files, labels, classes = list_images(tmp_path / "cls")
+    assert classes == ["cat", "dog"] and labels == [0, 1, 1] and files[0].parent.name == "nested"
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        list_images(tmp_path / "missing")
+
+
+def test_corrupt_images_are_reported_skipped_and_counted(tmp_path, caplog):
+    make_image_folder(tmp_path, 8, corrupt=[2, 5])
+    dataset = ImageFolderDataset(tmp_path, transform=pretrain_transform(32), seed=0)
+    with caplog.at_level(logging.WARNING):
+        samples = [dataset[i] for i in range(len(dataset))]
+    assert [s.unreadable for s in samples] == [0, 0, 1, 0, 0, 1, 0, 0]
+    assert all(s.input.shape == (3, 32, 32) for s in samples)
+    assert "002.png" in caplog.text and "005.png" in caplog.text
+    batch = next(iter(DataLoader(dataset, batch_size=8)))
+    assert int(batch.unreadable.sum()) == 2
+
+    make_image_folder(tmp_path / "bad", 2, corrupt=[0, 1])
+    with pytest.raises(RuntimeError, match="none of the 2 images"):
+        ImageFolderDataset(tmp_path / "bad")[0]
+
+
+def test_sample_randomness_depends_on_seed_epoch_index_only(tmp_path):
+    make_image_folder(tmp_path, 6)
+    noise_fn = partial(masking_noise, "random", 1, (2, 2), 0.75)
+    dataset = ImageFolderDataset(tmp_path, transform=WithMaskNoise(pretrain_transform(32), noise_fn), seed=3)
+    image, noise = dataset[4].input
+    assert noise.shape == (4,)
+    torch.rand(10)  # the global generator's state must not matter
+    again, again_noise = dataset[4].input
+    assert torch.equal(image, again) and torch.equal(noise, again_noise)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[4].input[1], noise)  # a new epoch draws anew
+
+    def batches(num_workers):
+        loader = DataLoader(dataset, batch_size=3, num_workers=num_workers)
+        return [b.input for b in loader]
+    for (img0, n0), (img2, n2) in zip(batches(0), batches(2)):  # same data with worker processes
+        assert torch.equal(img0, img2) and torch.equal(n0, n2)

@@ -1,0 +1,57 @@
+"""Interrupt-and-resume in fresh processes: a run stopped (by --max_steps, or by kill -9 at a random moment) and
+resumed from its checkpoint ends with exactly the parameters of the uninterrupted run."""
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from mae_transfer.checkpoints import read_checkpoint
+from pretrain_helpers import MAIN, ROOT, make_image_folder, one_thread, run_main, subprocess_env, tiny_flags
+
+sys.path.insert(0, str(ROOT / "pretrain"))
+import main_pretrain  # noqa: E402
+
+
+def _run_here(argv):
+    with one_thread():  # as in the child processes
+        main_pretrain.main(main_pretrain.parse_args(argv))
+
+
+def _final_weights(out):
+    return read_checkpoint(out / "mae_full.safetensors").state_dict
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    make_image_folder(tmp_path / "data", 8)
+    common = dict(epochs=4, masking="block", norm_pix_loss=True, lr=1e-3)  # block masking draws many random numbers
+
+    _run_here(tiny_flags(tmp_path / "data", tmp_path / "full", **common))
+
+    # Stopped deterministically after 2 of 4 epochs (k = 4 of N = 8 steps), then resumed in a fresh process.
+    _run_here(tiny_flags(tmp_path / "data", tmp_path / "split", max_steps=4, **common))
+    resumed = run_main(tiny_flags(tmp_path / "data", tmp_path / "split", resume=tmp_path / "split", **common))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "checkpoint-1.pth" in resumed.stdout
+    _assert_same(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "split"))
+
+    # Killed with SIGKILL as soon as its first checkpoint exists (wherever it is then, even mid-save).
+    killed_out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(MAIN), *tiny_flags(tmp_path / "data", killed_out, **common)],
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed_out / "checkpoint-0.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_out / "mae_full.safetensors").exists(), "the run finished before it could be killed"
+    resumed = run_main(tiny_flags(tmp_path / "data", killed_out, resume=killed_out, **common))
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same(_final_weights(tmp_path / "full"), _final_weights(killed_out))

@@ -1,0 +1,77 @@
+"""tools/visualize_mae.py and tools/benchmark_pretrain.py on tiny models."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_transfer.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from mae_transfer.models import apply_masking, mae_vit_tiny_patch16, masking_noise
+from pretrain_helpers import ROOT, make_image_folder, one_thread
+
+sys.path.insert(0, str(ROOT / "tools"))
+import benchmark_pretrain  # noqa: E402
+import visualize_mae  # noqa: E402
+
+
+def _tiny_mae(**kwargs):
+    torch.manual_seed(0)
+    return mae_vit_tiny_patch16(img_size=32, depth=2, **kwargs)
+
+
+def test_reconstruction_panels_paste_visible_patches_back(tmp_path):
+    path = tmp_path / "mae_visualize_vit_tiny.pth"
+    torch.save({"model": _tiny_mae().state_dict()}, path)  # the reference's full-model layout
+    model = visualize_mae.build_model(read_checkpoint(path), norm_pix_loss=False)
+    images = visualize_mae.load_images(make_image_folder(tmp_path / "img", 2), 32, limit=4)
+    panels = visualize_mae.reconstruct(model, images, 0.75, "random", seed=5)
+
+    torch.manual_seed(5)
+    _, mask, _ = apply_masking(torch.zeros(2, 4, 1), 0.75, masking_noise("random", 2, (2, 2), 0.75))
+    removed = mask.reshape(2, 2, 2).repeat_interleave(16, 1).repeat_interleave(16, 2).bool().numpy()
+    original, masked = panels["original"], panels["masked"]
+    recon, pasted = panels["reconstruction"], panels["reconstruction + visible"]
+    assert removed.sum() == 2 * 3 * 16 * 16  # 3 of 4 patches removed per image
+    assert (masked[~removed] == original[~removed]).all() and (pasted[~removed] == original[~removed]).all()
+    assert (pasted[removed] == recon[removed]).all()
+    mean_colour = np.round(np.array([0.485, 0.456, 0.406]) * 255)
+    assert (masked[removed] == mean_colour).all()  # removed patches are blank (zero after normalisation)
+
+
+def test_visualize_cli_writes_a_grid_and_refuses_encoder_only(tmp_path):
+    model = _tiny_mae(norm_pix_loss=True)
+    full, encoder = tmp_path / "mae_full.safetensors", tmp_path / "encoder.safetensors"
+    save_checkpoint(full, model.state_dict(), {"norm_pix_loss": True, "decoder_num_heads": 4, "num_heads": 3})
+    save_checkpoint(encoder, model.encoder_state_dict(), {"num_heads": 3})
+    make_image_folder(tmp_path / "img", 3)
+    out = tmp_path / "grid.png"
+    visualize_mae.main(["--checkpoint", str(full), "--images", str(tmp_path / "img"), "--out", str(out),
+                        "--masking", "grid"])
+    with Image.open(out) as grid:  # 4 columns and 3 rows of 160 px tiles (32 px x 5), 4 px gaps, 18 px titles
+        assert grid.size == (4 * 164 + 4, 18 + 3 * 164 + 4)
+    with pytest.raises(CheckpointError, match="cannot reconstruct"):
+        visualize_mae.main(["--checkpoint", str(encoder), "--images", str(tmp_path / "img")])
+
+
+def test_flop_count_equals_the_hand_formula():
+    model = _tiny_mae()  # D 192, 2 blocks; decoder 128 wide, 2 blocks; 4 patches of 16x16x3, 1 visible
+    D, Dd, P, L, T = 192, 128, 16 * 16 * 3, 4, 2  # T: visible patches + cls
+    encoder = 2 * (24 * T * D * D + 4 * T * T * D)  # qkv, proj, fc1, fc2 and the two attention matmuls per block
+    decoder = 2 * (24 * (L + 1) * Dd * Dd + 4 * (L + 1) ** 2 * Dd)
+    patch_embed, rest = 2 * L * P * D, 2 * T * D * Dd + 2 * (L + 1) * Dd * P
+    forward = patch_embed + encoder + decoder + rest
+    # Backward costs twice the forward, except the patch embedding, which needs no gradient for the pixels.
+    expected = 3 * forward - patch_embed
+    counted = benchmark_pretrain.count_flops(lambda x: model(x, mask_ratio=0.75)[0], torch.randn(1, 3, 32, 32))
+    assert counted == expected
+
+
+def test_benchmark_prints_the_table(capsys):
+    with one_thread():
+        benchmark_pretrain.main(["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "2",
+                                 "--warmup", "1", "--steps", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for row in ("ours (encoder on visible patches)", "ours, encoder w/ mask tokens", "ViTMAE", "matmul peak",
+                "Table 2 speed-up", "ours / transformers"):
+        assert row in out

@@ -1,0 +1,117 @@
+"""Tiny pretraining runs in this process: learning, presets, the exported encoder, a non-finite loss."""
+import json
+import math
+import sys
+
+import pytest
+import timm
+import torch
+
+from mae_transfer.checkpoints import load_training_state, read_checkpoint
+from mae_transfer.data.images import ImageFolderDataset, pretrain_transform
+from mae_transfer.engine import seed_everything
+from mae_transfer.models import MaskedAutoencoderViT, create_model
+from pretrain_helpers import ROOT, make_image_folder, one_thread, tiny_flags
+
+sys.path.insert(0, str(ROOT / "pretrain"))  # main_pretrain.py is a script with sibling imports, like the reference
+import main_pretrain  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _fixed_batch_loss(model, images, noise):
+    model.eval()
+    with torch.no_grad():
+        return model(images, mask_ratio=0.75, noise=noise)[0].item()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain")
+    make_image_folder(tmp / "data" / "train", 8)  # the reference's DATA_PATH/train layout
+    args = main_pretrain.parse_args(tiny_flags(tmp / "data", tmp / "out", epochs=10, warmup_epochs=1,
+                                               max_steps=16, log_every=2, save_every=4, lr=1e-3))
+    main_pretrain.main(args)
+    return tmp / "out", args
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_run):
+    out, args = tiny_run
+    data = ImageFolderDataset(out.parent / "data" / "train", transform=pretrain_transform(32), seed=1)
+    images = torch.stack([data[i].input for i in range(4)])  # a fixed batch of augmented training images
+    noise = torch.rand(4, 4, generator=torch.Generator().manual_seed(2))
+    seed_everything(args.seed)  # main builds its model right after seeding the same way
+    initial = create_model(args.model, img_size=32)
+    trained = create_model(args.model, img_size=32)
+    trained.load_state_dict(read_checkpoint(out / "mae_full.safetensors").state_dict)
+    assert _fixed_batch_loss(trained, images, noise) < 0.8 * _fixed_batch_loss(initial, images, noise)
+
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == list(range(2, 17, 2))  # every 2 iterations, 16 iterations in all
+    assert len(epochs) == 8 and epochs[0]["unreadable_images"] == 0 and epochs[-1]["step"] == 16
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_exported_encoder_loads_strictly_into_timm(tiny_run):
+    out, _ = tiny_run
+    ckpt = read_checkpoint(out / "encoder.safetensors")
+    assert ckpt.kind == "encoder" and ckpt.meta["model"] == "mae_vit_tiny_patch16"
+    assert not any(k.startswith(("decoder", "mask_token")) for k in ckpt.state_dict)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    # The same weights give the same features in timm's ViT as in ours (timm's default LayerNorm eps is 1e-6 too).
+    ours = create_model("vit_tiny_patch16", img_size=32)
+    ours.load_state_dict(ckpt.state_dict)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval().forward_features(x), ours.eval().forward_features(x))
+
+
+def test_training_state_checkpoints_are_reference_style_readable(tiny_run):
+    out, _ = tiny_run
+    ckpt = read_checkpoint(out / "checkpoint-7.pth")  # the last complete epoch before --max_steps
+    assert ckpt.kind == "full" and ckpt.extras["epoch"] == 7 and ckpt.extras["iteration"] == 16
+
+
+def test_presets_reproduce_the_documented_recipe():
+    args = main_pretrain.parse_args(["--preset", "large-1600"])
+    assert (args.model, args.epochs, args.blr, args.weight_decay, args.warmup_epochs, args.norm_pix_loss,
+            args.mask_ratio, args.input_size) == ("mae_vit_large_patch16", 1600, 1.5e-4, 0.05, 40, True, 0.75, 224)
+    assert main_pretrain.resolve_accum_iter(args, world_size=8) == 8  # 64 x 8 x 8 GPUs = 4096
+    assert main_pretrain.resolve_accum_iter(args, world_size=64) == 1
+    with pytest.raises(SystemExit, match="not a multiple"):
+        main_pretrain.resolve_accum_iter(args, world_size=3)
+    explicit = main_pretrain.parse_args(["--preset", "base-800", "--no-norm_pix_loss", "--blr", "1e-3"])
+    assert (explicit.norm_pix_loss, explicit.blr, explicit.epochs) == (False, 1e-3, 800)
+    # Without a preset the reference's own argparse defaults hold.
+    plain = main_pretrain.parse_args([])
+    assert (plain.blr, plain.epochs, plain.norm_pix_loss, plain.accum_iter) == (1e-3, 400, False, None)
+    assert main_pretrain.resolve_accum_iter(plain, world_size=2) == 1
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "data", 8)
+    calls = []
+    forward_loss = MaskedAutoencoderViT.forward_loss
+
+    def failing_loss(self, imgs, pred, mask):
+        calls.append(1)
+        loss = forward_loss(self, imgs, pred, mask)
+        return loss * math.nan if len(calls) == 4 else loss  # iteration 3: epoch 1, iteration 1
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", failing_loss)
+    args = main_pretrain.parse_args(tiny_flags(tmp_path / "data", tmp_path / "out", epochs=3, log_every=5))
+    args.batch_size = 4  # 2 iterations per epoch
+    with pytest.raises(SystemExit, match=r"loss is nan at step 3 \(epoch 1, iteration 1\).*checkpoint-0\.pth"):
+        main_pretrain.main(args)
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-0.pth"]
+    state = load_training_state(tmp_path / "out" / "checkpoint-0.pth")
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
+    records = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "error" and records[-1]["step"] == 3

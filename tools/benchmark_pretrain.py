@@ -1,0 +1,252 @@
+"""Pretraining throughput: our MAE step, the paper's Table 2 baseline, and HuggingFace transformers, in one run.
+
+    python tools/benchmark_pretrain.py --model mae_vit_base_patch16 --batch_size 8            # CPU, fp32
+    python tools/benchmark_pretrain.py --model mae_vit_large_patch16 --batch_size 128 --compile  # GPU, bf16
+
+Every row times the same full training step (forward, backward, fused AdamW update; bf16 autocast on CUDA, fp32 on
+CPU) on the same random batch, after warm-up steps, and reports the median:
+- ours: the asymmetric MAE (the encoder sees only the visible 25% of patches);
+- ours, encoder w/ mask tokens: the same model with the encoder run on all patches, masked ones replaced by a
+  mask token, and the decoder on the encoder's output (the paper's Table 2 baseline); the ratio of their step
+  times is this machine's Table 2 speed-up;
+- transformers ViTMAEForPreTraining with the same configuration (SDPA attention, eager; optional dependency).
+Model FLOPs are counted by torch.utils.flop_counter on one step of each model (attention through the math kernel,
+which the counter sees), MFU is model FLOP/s over a matmul peak measured in this run in the same precision, and
+memory is the peak allocated on the GPU, or on CPU the peak growth of this process's resident set while a row runs.
+"""
+import argparse
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from mae_transfer.engine import adamw, param_groups
+from mae_transfer.models import MODELS, MaskedAutoencoderViT, apply_masking, create_model, masking_noise
+
+Step = Callable[[torch.Tensor], torch.Tensor]  # images -> loss
+
+
+class EncoderWithMaskTokens(nn.Module):
+    """Table 2's baseline on our model's own modules: the encoder processes every patch, a learned mask token
+    standing in for each removed one, and the decoder takes the encoder's full output (no unshuffling)."""
+
+    def __init__(self, mae: MaskedAutoencoderViT):
+        super().__init__()
+        self.mae = mae
+        self.mask_token = nn.Parameter(torch.empty(1, 1, mae.embed_dim).normal_(std=0.02))
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75) -> torch.Tensor:
+        m = self.mae
+        x = m.patch_embed(imgs)
+        noise = masking_noise(m.masking, x.shape[0], m.grid_size, mask_ratio, device=x.device)
+        _, mask, _ = apply_masking(x, mask_ratio, noise)
+        removed = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - removed) + self.mask_token.to(x.dtype) * removed + m.pos_embed[:, 1:]
+        cls = (m.cls_token + m.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = m.norm(m.blocks(torch.cat([cls, x], dim=1)))
+        x = m.decoder_embed(x) + m.decoder_pos_embed
+        for blk in m.decoder_blocks:
+            x = blk(x)
+        pred = m.decoder_pred(m.decoder_norm(x))[:, 1:]
+        return m.forward_loss(imgs, pred, mask)
+
+
+def transformers_mae(mae: MaskedAutoencoderViT) -> nn.Module:
+    """HuggingFace's ViTMAEForPreTraining with the configuration of `mae`."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    block, dblock = mae.blocks[0], mae.decoder_blocks[0]
+    config = ViTMAEConfig(
+        hidden_size=mae.embed_dim, num_hidden_layers=len(mae.blocks), num_attention_heads=block.attn.num_heads,
+        intermediate_size=block.mlp.fc1.out_features, image_size=mae.patch_embed.img_size[0],
+        patch_size=mae.patch_size, qkv_bias=True, layer_norm_eps=1e-6,
+        decoder_hidden_size=mae.decoder_embed.out_features, decoder_num_hidden_layers=len(mae.decoder_blocks),
+        decoder_num_attention_heads=dblock.attn.num_heads, decoder_intermediate_size=dblock.mlp.fc1.out_features,
+        mask_ratio=0.75, norm_pix_loss=mae.norm_pix_loss, attn_implementation="sdpa")
+    return ViTMAEForPreTraining(config)
+
+
+def make_step(model: nn.Module, loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor], device: torch.device,
+              amp: Optional[torch.dtype], compile_model: bool) -> Step:
+    """A full training step of `model`: forward and backward under autocast, then fused AdamW (MAE groups)."""
+    model.to(device).train()
+    optimizer = adamw(param_groups(model, 0.05), lr=1e-4, device=device)
+    run = torch.compile(model) if compile_model else model
+
+    def step(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = loss_of(run, images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step.model = model
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of a large square matmul in `dtype`: the machine's practical peak."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    sync(device)
+    rates = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(rates) < 3:
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        rates.append(2 * n ** 3 / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def count_flops(loss_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
+    """FLOPs of one forward + backward, attention included (the math SDPA kernel is made of counted matmuls)."""
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        loss_of(images).backward()
+    return float(counter.get_total_flops())
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a thread; `peak` is the largest seen while active."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Peak memory of what runs inside: GPU memory allocated, or on CPU the resident set's growth over its size on
+    entry (model, gradients, optimizer state and activations)."""
+    result = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        result["bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        with PeakRSS() as rss:
+            baseline = rss._rss()
+            yield result
+        result["bytes"] = rss.peak - baseline
+
+
+def time_step(step: Step, images: torch.Tensor, warmup: int, steps: int) -> float:
+    """Median seconds per step after `warmup` untimed steps."""
+    device = images.device
+    for _ in range(warmup):
+        step(images)
+    sync(device)
+    times: List[float] = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step(images)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    if not torch.isfinite(loss):
+        raise FloatingPointError("the benchmark step produced a non-finite loss")
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mae_vit_base_patch16",
+                        choices=sorted(n for n in MODELS if n.startswith("mae_")))
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--input_size", type=int, default=224)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model (not transformers')")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["mask_tokens", "transformers"],
+                        help="rows to leave out")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    peak_dtype = amp or torch.float32
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    peak = matmul_peak(device, peak_dtype)
+
+    def ours():
+        return create_model(args.model, img_size=args.input_size, norm_pix_loss=True)
+
+    rows = [("ours (encoder on visible patches)", lambda: ours(), lambda m, x: m(x, mask_ratio=0.75)[0], args.compile)]
+    if "mask_tokens" not in args.skip:
+        rows.append(("ours, encoder w/ mask tokens", lambda: EncoderWithMaskTokens(ours()),
+                     lambda m, x: m(x, mask_ratio=0.75), args.compile))
+    if "transformers" not in args.skip:
+        import transformers
+        rows.append((f"transformers {transformers.__version__} ViTMAE", lambda: transformers_mae(ours()),
+                     lambda m, x: m(pixel_values=x).loss, False))
+
+    results = []
+    for name, build, loss_of, compile_model in rows:
+        with peak_memory(device) as memory:
+            model = build()
+            flops = count_flops(lambda x: loss_of(model, x), images[:1].cpu()) * args.batch_size
+            model.zero_grad(set_to_none=True)
+            step = make_step(model, loss_of, device, amp, compile_model)
+            step_s = time_step(step, images, args.warmup, args.steps)
+        results.append(dict(name=name, flops=flops, step_s=step_s, memory=memory["bytes"]))
+        del model, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print(f"\nMAE pretraining step: {args.model}, batch {args.batch_size}, {args.input_size}px, mask ratio 0.75, "
+          f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+          f", {'bf16 autocast' if amp else 'fp32'}, fused AdamW{', torch.compile (ours)' if args.compile else ''}, "
+          f"torch {torch.__version__}")
+    print(f"measured {peak_dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s\n")
+    header = f"{'':44s} {'images/s':>10s} {'step ms':>10s} {'peak mem GiB':>13s} {'GFLOP/img':>10s} {'TFLOP/s':>9s} {'MFU':>6s}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        rate = r["flops"] / r["step_s"]
+        print(f"{r['name']:44s} {args.batch_size / r['step_s']:10.2f} {1e3 * r['step_s']:10.1f} "
+              f"{r['memory'] / 2**30:13.2f} {r['flops'] / args.batch_size / 1e9:10.1f} {rate / 1e12:9.3f} "
+              f"{100 * rate / peak:5.1f}%")
+    base = results[0]["step_s"]
+    print()
+    for r in results[1:]:
+        what = "Table 2 speed-up (w/ mask tokens / ours)" if "mask tokens" in r["name"] else \
+            "ours / transformers (images/s)"
+        print(f"{what}: {r['step_s'] / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
