@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mae_transfer.checkpoints import save_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform
-from mae_transfer.engine import (AMP_MODES, NonFiniteLossError, Precision, RunLog, adamw, cleanup, init_distributed,
-                                 latest_checkpoint, load_state, param_groups, save_state, scaled_lr, seed_everything,
-                                 train_one_epoch, warmup_cosine)
+from mae_transfer.engine import (AMP_MODES, NonFiniteLossError, Precision, RunLog, adamw, cleanup,
+                                 exit_on_non_finite, init_distributed, param_groups, resolve_accum_iter, resume,
+                                 save_state, scaled_lr, seed_everything, train_one_epoch, warmup_cosine)
 from mae_transfer.models import MASKING_STRATEGIES, MODELS, create_model, masking_noise
 from presets import PRESETS
 
@@ -93,22 +93,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_accum_iter(args: argparse.Namespace, world_size: int) -> int:
-    if args.effective_batch_size is None:
-        return args.accum_iter or 1
-    per_step = args.batch_size * world_size
-    accum, rest = divmod(args.effective_batch_size, per_step)
-    if rest or accum < 1:
-        raise SystemExit(f"--effective_batch_size {args.effective_batch_size} is not a multiple of batch_size x "
-                         f"processes = {args.batch_size} x {world_size}; change --batch_size or "
-                         "--effective_batch_size, or set --accum_iter")
-    if args.accum_iter is not None and args.accum_iter != accum:
-        raise SystemExit(f"--accum_iter {args.accum_iter} contradicts --effective_batch_size "
-                         f"{args.effective_batch_size} with batch_size {args.batch_size} on {world_size} processes "
-                         f"(needs {accum}); give only one of them")
-    return accum
-
-
 def data_root(path: str) -> Path:
     """The reference reads DATA_PATH/train; accept that layout and a plain image folder alike."""
     root = Path(path)
@@ -139,7 +123,11 @@ def main(args: argparse.Namespace) -> None:
     device = dist.device
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed + dist.rank)
-    accum_iter = resolve_accum_iter(args, dist.world_size)
+    try:
+        accum_iter = resolve_accum_iter(args.batch_size, dist.world_size, accum_iter=args.accum_iter,
+                                        effective_batch_size=args.effective_batch_size)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     output_dir = Path(args.output_dir)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -180,15 +168,12 @@ def main(args: argparse.Namespace) -> None:
     scheduler = warmup_cosine(optimizer, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                               iters_per_epoch=iters_per_epoch, min_lr=args.min_lr)
 
-    last_checkpoint = None
-    if args.resume:
-        last_checkpoint = latest_checkpoint(Path(args.resume))
-        if last_checkpoint is None:
-            say(f"--resume {args.resume}: no checkpoint there yet; starting from scratch")
-        else:
-            state = load_state(last_checkpoint, model=model_without_ddp, optimizer=optimizer, precision=precision)
-            args.start_epoch = state["epoch"] + 1
-            say(f"resumed from {last_checkpoint}: epoch {state['epoch']} done, {state['iteration']} iterations")
+    last_checkpoint, state = resume(args.resume, model=model_without_ddp, optimizer=optimizer, precision=precision)
+    if state is not None:
+        args.start_epoch = state["epoch"] + 1
+        say(f"resumed from {last_checkpoint}: epoch {state['epoch']} done, {state['iteration']} iterations")
+    elif args.resume:
+        say(f"--resume {args.resume}: no checkpoint there yet; starting from scratch")
 
     train_model = torch.compile(model) if args.compile else model
     log = RunLog(output_dir / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
@@ -205,10 +190,7 @@ def main(args: argparse.Namespace) -> None:
                                      accum_iter=accum_iter, log=log, log_every=args.log_every,
                                      max_iterations=max_iterations)
         except NonFiniteLossError as err:
-            log.write("error", err.iteration, {"epoch": err.epoch, "message": str(err)})
-            log.close()
-            raise SystemExit(f"{err}. Nothing was saved after it; the last good checkpoint "
-                             f"({last_checkpoint or 'none was written yet'}) is intact.") from None
+            exit_on_non_finite(err, log, last_checkpoint)
         log.write("epoch", result.iteration, {"epoch": epoch, "loss": result.loss, "lr": result.lr,
                                               "images_per_s": result.images_per_s, **result.counts})
         log.flush()

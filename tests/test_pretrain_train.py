@@ -9,7 +9,7 @@ import torch
 
 from mae_transfer.checkpoints import load_training_state, read_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, pretrain_transform
-from mae_transfer.engine import seed_everything
+from mae_transfer.engine import resolve_accum_iter, seed_everything
 from mae_transfer.models import MaskedAutoencoderViT, create_model
 from pretrain_helpers import ROOT, make_image_folder, one_thread, tiny_flags
 
@@ -83,16 +83,19 @@ def test_presets_reproduce_the_documented_recipe():
     args = main_pretrain.parse_args(["--preset", "large-1600"])
     assert (args.model, args.epochs, args.blr, args.weight_decay, args.warmup_epochs, args.norm_pix_loss,
             args.mask_ratio, args.input_size) == ("mae_vit_large_patch16", 1600, 1.5e-4, 0.05, 40, True, 0.75, 224)
-    assert main_pretrain.resolve_accum_iter(args, world_size=8) == 8  # 64 x 8 x 8 GPUs = 4096
-    assert main_pretrain.resolve_accum_iter(args, world_size=64) == 1
-    with pytest.raises(SystemExit, match="not a multiple"):
-        main_pretrain.resolve_accum_iter(args, world_size=3)
+    def accum_iter(args, world_size):
+        return resolve_accum_iter(args.batch_size, world_size, accum_iter=args.accum_iter,
+                                  effective_batch_size=args.effective_batch_size)
+    assert accum_iter(args, world_size=8) == 8  # 64 x 8 x 8 GPUs = 4096
+    assert accum_iter(args, world_size=64) == 1
+    with pytest.raises(ValueError, match="not a multiple"):
+        accum_iter(args, world_size=3)
     explicit = main_pretrain.parse_args(["--preset", "base-800", "--no-norm_pix_loss", "--blr", "1e-3"])
     assert (explicit.norm_pix_loss, explicit.blr, explicit.epochs) == (False, 1e-3, 800)
     # Without a preset the reference's own argparse defaults hold.
     plain = main_pretrain.parse_args([])
     assert (plain.blr, plain.epochs, plain.norm_pix_loss, plain.accum_iter) == (1e-3, 400, False, None)
-    assert main_pretrain.resolve_accum_iter(plain, world_size=2) == 1
+    assert accum_iter(plain, world_size=2) == 1
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):

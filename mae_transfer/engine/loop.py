@@ -13,7 +13,8 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from .amp import Precision
 from .distributed import all_reduce, get_world_size, is_main_process
 from .logging import RunLog, progress_bar
 
-__all__ = ["NonFiniteLossError", "EpochResult", "StepFn", "train_one_epoch"]
+__all__ = ["NonFiniteLossError", "EpochResult", "StepFn", "train_one_epoch", "exit_on_non_finite"]
 
 # (model, batch) -> (loss, counts): counts are integers summed over the epoch and all processes (e.g. images
 # that could not be read), reported with the epoch's result.
@@ -36,6 +37,15 @@ class NonFiniteLossError(FloatingPointError):
         self.iteration, self.epoch, self.epoch_iteration, self.value = iteration, epoch, epoch_iteration, value
         super().__init__(f"loss is {value} at step {iteration} (epoch {epoch}, iteration {epoch_iteration}); "
                          "stopping the run")
+
+
+def exit_on_non_finite(err: NonFiniteLossError, log: RunLog, last_checkpoint: Optional[Path]) -> NoReturn:
+    """End the run over `err`: record it in the log and exit with a message naming the step and the checkpoint
+    to resume from (nothing is saved after a non-finite loss, so that checkpoint is intact)."""
+    log.write("error", err.iteration, {"epoch": err.epoch, "message": str(err)})
+    log.close()
+    raise SystemExit(f"{err}. Nothing was saved after it; the last good checkpoint "
+                     f"({last_checkpoint or 'none was written yet'}) is intact.")
 
 
 @dataclass

@@ -8,7 +8,7 @@ killed while saving leaves the previous checkpoint untouched.
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from ..checkpoints import CheckpointError, load_training_state, save_training_st
 from .amp import Precision
 from .distributed import all_gather_object, get_rank, get_world_size
 
-__all__ = ["rng_state", "set_rng_state", "save_state", "load_state", "latest_checkpoint"]
+__all__ = ["rng_state", "set_rng_state", "save_state", "load_state", "latest_checkpoint", "resume"]
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth")
 
@@ -93,3 +93,16 @@ def latest_checkpoint(path: Path) -> Optional[Path]:
         raise FileNotFoundError(f"--resume {path}: no such file or directory")
     found: List[Path] = [p for p in path.iterdir() if CHECKPOINT_PATTERN.fullmatch(p.name)]
     return max(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)), default=None)
+
+
+def resume(path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+           precision: Precision) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The --resume flag: restore the checkpoint `path` names (a file, or a directory's latest checkpoint).
+
+    Returns (checkpoint path, state), or (None, None) when `path` is empty or a directory with no checkpoint yet,
+    so a job that is always launched with --resume OUTPUT_DIR starts fresh the first time.
+    """
+    checkpoint = latest_checkpoint(Path(path)) if path else None
+    if checkpoint is None:
+        return None, None
+    return checkpoint, load_state(checkpoint, model=model, optimizer=optimizer, precision=precision)
