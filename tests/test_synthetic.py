@@ -73,12 +73,20 @@ def test_coco_masks_match_boxes_and_areas(world, split):
 
 
 def test_coco_loads_in_detectron2(world):
-    load_coco_json = pytest.importorskip("detectron2.data.datasets").load_coco_json
-    dicts = load_coco_json(str(world / "coco/annotations/instances_val.json"), str(world / "coco/val"), "synthetic_val")
-    coco = json.loads((world / "coco/annotations/instances_val.json").read_text())
+    # RLE masks need detectron2's "bitmask" instance mask format (its default "polygon" rejects them).
+    pytest.importorskip("detectron2")
+    from detectron2.data.datasets import load_coco_json
+    from detectron2.data.detection_utils import annotations_to_instances
+
+    json_file = world / "coco/annotations/instances_val.json"
+    dicts = load_coco_json(str(json_file), str(world / "coco/val"), "synthetic_val")
     assert len(dicts) == TINY.det_val
-    assert sum(len(d["annotations"]) for d in dicts) == len(coco["annotations"])
-    assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(K))  # contiguous ids
+    assert sum(len(d["annotations"]) for d in dicts) == len(json.loads(json_file.read_text())["annotations"])
+    for d in dicts:
+        instances = annotations_to_instances(d["annotations"], (d["height"], d["width"]), mask_format="bitmask")
+        assert instances.gt_classes.tolist() == [a["category_id"] for a in d["annotations"]]
+        assert set(instances.gt_classes.tolist()) <= set(range(K))  # contiguous ids
+        assert instances.gt_boxes.tensor.equal(instances.gt_masks.get_bounding_boxes().tensor)
 
 
 @pytest.mark.parametrize("split", ["training", "validation"])
@@ -95,15 +103,22 @@ def test_ade_labels_in_range_and_paired_with_images(world, split):
 
 
 def test_ade_layout_loads_in_mmseg(world):
+    # mmseg's ADE20KDataset accepts only ADE's own 150 class names; the same layout and label convention
+    # (.jpg/.png, reduce_zero_label) with our classes is its base class configured as ADE20KDataset does.
     pytest.importorskip("mmseg")
-    from mmseg.datasets import ADE20KDataset
+    from mmseg.datasets import BaseSegDataset
+    from mmseg.utils import register_all_modules
 
-    dataset = ADE20KDataset(data_root=str(world / "ade"), metainfo=dict(classes=CATEGORIES),
-                            data_prefix=dict(img_path="images/validation", seg_map_path="annotations/validation"),
-                            pipeline=[])
+    register_all_modules()
+    dataset = BaseSegDataset(data_root=str(world / "ade"), metainfo=dict(classes=CATEGORIES),
+                             data_prefix=dict(img_path="images/validation", seg_map_path="annotations/validation"),
+                             img_suffix=".jpg", seg_map_suffix=".png", reduce_zero_label=True,
+                             pipeline=[dict(type="LoadImageFromFile"), dict(type="LoadAnnotations")])
     assert len(dataset) == TINY.seg_val
     sample = dataset[0]
-    assert sample["reduce_zero_label"] and sample["seg_map_path"].endswith(".png")
+    raw = np.asarray(Image.open(sample["seg_map_path"])).astype(int)
+    assert sample["img"].shape == (TINY.image_size, TINY.image_size, 3)
+    np.testing.assert_array_equal(sample["gt_seg_map"], np.where(raw == 0, 255, raw - 1))
 
 
 def test_classification_folders(world):
