@@ -354,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the preset's)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    world = generate_world(args.out, args.seed, args.size, args.image_size)
+    try:
+        world = generate_world(args.out, args.seed, args.size, args.image_size)
+    except (FileExistsError, ValueError) as error:
+        parser.error(str(error))
     print(f"synthetic world in {args.out} ({time.perf_counter() - start:.1f} s): seed {world['seed']}, "
           f"{world['image_size']}x{world['image_size']} px, categories {', '.join(world['categories'])}")
     counts = {
