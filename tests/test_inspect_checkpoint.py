@@ -5,7 +5,7 @@ import json
 import torch
 
 from convert_helpers import load_tool, tiny_mae
-from mae_transfer.checkpoints import load_into, read_checkpoint
+from mae_transfer.checkpoints import load_into, read_checkpoint, save_checkpoint
 from mae_transfer.models import create_model, vit_tiny_patch16
 
 inspect_tool = load_tool("inspect_checkpoint")
@@ -46,20 +46,28 @@ def test_a_reference_training_checkpoint(tmp_path, capsys):
     assert "ViT width 192, depth 2, heads 3 (standard for this width), patch 8, image 32 (4x4 patches)" in text
     assert "  decoder       width 128, depth 2, heads 4" in text
     assert "optimizer state yes, epoch 799" in text
+    assert "  builds with   create_model('mae_vit_tiny_patch16', depth=2, patch_size=8, img_size=32)" in text
     assert f"  parameters    {numel(sd) / 1e6:.2f}M in {len(sd)} tensors" in text
 
 
 def test_the_builder_it_prints_builds_a_model_the_checkpoint_loads_into(tmp_path, capsys):
-    model = vit_tiny_patch16(img_size=32, patch_size=8, global_pool="avg", num_classes=10).half()
+    model = vit_tiny_patch16(img_size=32, patch_size=8, depth=2, global_pool="avg", num_classes=10).half()
     torch.save(model.state_dict(), tmp_path / "vit_tiny_ft.pth")
     info = inspect(capsys, tmp_path / "vit_tiny_ft.pth", "--json")
     assert (info["format"], info["kind"]) == ("timm", "finetuned")
     assert info["architecture"]["num_classes"] == 10 and info["dtypes"] == {"float16": len(model.state_dict())}
-    assert info["builder"] == ("create_model('vit_tiny_patch16', patch_size=8, img_size=32, global_pool='avg', "
-                               "num_classes=10)")
+    assert info["builder"] == ("create_model('vit_tiny_patch16', depth=2, patch_size=8, img_size=32, "
+                               "global_pool='avg', num_classes=10)")
     built = eval(info["builder"], {"create_model": create_model})  # noqa: S307 (our own output)
     load_into(built, read_checkpoint(tmp_path / "vit_tiny_ft.pth").state_dict, dropped=())
     assert "  dtype         float16" in inspect(capsys, tmp_path / "vit_tiny_ft.pth")
+
+    mae = tiny_mae(decoder_num_heads=8)
+    save_checkpoint(tmp_path / "mae.safetensors", mae.state_dict(), {"decoder_num_heads": 8})
+    info = inspect(capsys, tmp_path / "mae.safetensors", "--json")
+    assert info["builder"] == ("create_model('mae_vit_tiny_patch16', depth=2, patch_size=8, img_size=32, "
+                               "decoder_num_heads=8)")
+    load_into(eval(info["builder"], {"create_model": create_model}), mae.state_dict(), dropped=())  # noqa: S307
 
 
 def test_hf_directory_and_unreadable_input(tmp_path, capsys):

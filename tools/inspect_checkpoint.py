@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from mae_transfer.checkpoints import FORMATS, Checkpoint, CheckpointError, read_checkpoint
 from mae_transfer.checkpoints.formats import HEAD_KEYS
-from mae_transfer.models import ARCHS, MODELS, arch_from_width
+from mae_transfer.models import ARCHS, DECODERS, MODELS, arch_from_width
 from mae_transfer.models.mae import DECODER_KEYS
 
 KINDS = {"full": "encoder + MAE decoder (pretraining)", "encoder": "encoder only",
@@ -22,18 +22,20 @@ KINDS = {"full": "encoder + MAE decoder (pretraining)", "encoder": "encoder only
 
 
 def builder(ckpt: Checkpoint, arch: Dict[str, Any]) -> Optional[str]:
-    """The create_model(...) call that builds this architecture, when it is one of ours."""
+    """The create_model(...) call that builds this architecture: the builder of its width, with every argument
+    that differs from that builder's defaults. None for a width we have no builder for, or unknown head counts."""
     size = arch_from_width(arch["embed_dim"])
-    if size is None or ARCHS[size]["depth"] != arch["depth"] or ARCHS[size]["num_heads"] != arch["num_heads"]:
+    prefix = "mae_" if ckpt.has_decoder else ""
+    name = next((n for n in MODELS if n.startswith(f"{prefix}vit_{size}_patch")), None)
+    if name is None or arch["num_heads"] is None or (ckpt.has_decoder and ckpt.decoder_num_heads is None):
         return None
-    name = next((n for n in MODELS if n.startswith(f"{'mae_' if ckpt.has_decoder else ''}vit_{size}_patch")), None)
-    if name is None:
-        return None
-    kwargs = {}
-    if int(name.rsplit("patch", 1)[1]) != arch["patch_size"]:
-        kwargs["patch_size"] = arch["patch_size"]
-    if arch["img_size"] != 224:
-        kwargs["img_size"] = arch["img_size"]
+    defaults = {**ARCHS[size], "patch_size": int(name.rsplit("patch", 1)[1]), "img_size": 224, "mlp_ratio": 4.0,
+                **(DECODERS[size] if ckpt.has_decoder else {})}
+    wanted = {k: arch[k] for k in ("depth", "num_heads", "patch_size", "img_size", "mlp_ratio") if k in arch}
+    if ckpt.has_decoder:
+        wanted.update(decoder_embed_dim=arch["decoder_embed_dim"], decoder_depth=arch["decoder_depth"],
+                      decoder_num_heads=ckpt.decoder_num_heads)
+    kwargs = {k: v for k, v in wanted.items() if v != defaults[k]}
     if ckpt.has_head:
         kwargs.update(global_pool="avg" if "fc_norm.weight" in ckpt.state_dict else "token",
                       num_classes=arch["num_classes"])

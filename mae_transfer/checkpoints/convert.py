@@ -48,7 +48,7 @@ class Target:
     """An output format: how it is stored and which canonical tensors it holds."""
     format: str                              # the registered Format that maps canonical names to this layout
     suffixes: Tuple[str, ...]                # accepted output names; '' = a directory
-    wrap: Optional[str] = None               # torch.save container key: {'model': sd}, {'state_dict': sd}
+    wrap: Optional[str] = None               # torch.save container key ({'model': sd}); None: the bare dict
     drops: Tuple[Tuple[str, str], ...] = ()  # (glob of canonical keys, why the target has no place for them)
     needs: Tuple[Tuple[str, str], ...] = ()  # (glob, why): without a match the target would be incomplete
     # Directory targets: builds the config file written beside the weights from the converted checkpoint, and
@@ -232,7 +232,7 @@ def _write_directory(path: Path, conversion: Conversion) -> None:
         for name in (hf.CONFIG_NAME, hf.WEIGHTS_NAME):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        os.rename(tmp, path)  # fails rather than merge if `path` appeared meanwhile
+        os.rename(tmp, path)  # never merges into a directory that appeared meanwhile: fails instead
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
