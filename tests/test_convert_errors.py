@@ -18,6 +18,9 @@ def sources(tmp_path):
     torch.save({"model": mae.encoder_state_dict()}, tmp_path / "enc.pth")
     torch.save({"model": vit_tiny_patch16(img_size=32, patch_size=8, depth=2, global_pool="avg",
                                           num_classes=10).state_dict()}, tmp_path / "ft.pth")
+    vitdet = {"backbone.net." + k: v for k, v in mae.encoder_state_dict().items()  # no cls_token, no final norm
+              if k.startswith(("blocks.", "patch_embed.", "pos_embed"))}
+    torch.save({"model": vitdet}, tmp_path / "vitdet.pth")
     return tmp_path
 
 
@@ -56,6 +59,7 @@ def test_missing_truncated_and_malicious_files(sources, capsys):
 @pytest.mark.parametrize("src, dst, extra, match", [
     ("enc.pth", "hf", [], "ViTMAEForPreTraining needs the MAE decoder"),
     ("ft.pth", "hf", ["--encoder-only"], "replaces by fc_norm"),
+    ("vitdet.pth", "out.safetensors", ["--to", "timm"], "a detectron2 (ViTDet) checkpoint does not keep"),
     ("full.pth", "out.safetensors", ["--to", "mae"], "--to mae writes a .pth file"),
     ("full.pth", "out.pth", [], "--to hf writes a directory"),
     ("full.pth", "out.pth", ["--to", "mae", "--patch-size", "16"], "add --encoder-only"),

@@ -86,12 +86,17 @@ def test_encoder_only_goes_to_a_vitmae_model_both_ways(tmp_path):
     torch.testing.assert_close(out.last_hidden_state, latent, atol=1e-4, rtol=0)
     assert torch.equal(out.mask, mask)
 
-    # ViTMAEModel.save_pretrained writes the encoder without the 'vit.' prefix; it reads back all the same.
-    hf.save_pretrained(tmp_path / "hf_saved")
-    back = read_checkpoint(tmp_path / "hf_saved")
-    assert (back.format, back.kind) == ("hf", "encoder") and "decoder_num_heads" not in back.meta
-    assert sorted(back.state_dict) == sorted(ours.encoder_state_dict())
-    assert all(torch.equal(v, ours.encoder_state_dict()[k]) for k, v in back.state_dict.items())
+    # ViTMAEModel.save_pretrained writes the encoder without the 'vit.' prefix, in safetensors shards or as a
+    # legacy pytorch_model.bin: each reads back all the same.
+    hf.save_pretrained(tmp_path / "hf_shards", max_shard_size="1MB")
+    hf.save_pretrained(tmp_path / "hf_bin", safe_serialization=False)
+    assert "model.safetensors.index.json" in listing(tmp_path / "hf_shards")
+    assert "pytorch_model.bin" in listing(tmp_path / "hf_bin")
+    for saved in ("hf_shards", "hf_bin"):
+        back = read_checkpoint(tmp_path / saved)
+        assert (back.format, back.kind) == ("hf", "encoder") and "decoder_num_heads" not in back.meta
+        assert sorted(back.state_dict) == sorted(ours.encoder_state_dict())
+        assert all(torch.equal(v, ours.encoder_state_dict()[k]) for k, v in back.state_dict.items())
 
 
 @pytest.mark.parametrize("damage", ["config", "weights", "model_type"])

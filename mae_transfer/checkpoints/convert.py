@@ -41,6 +41,7 @@ StateDict = Dict[str, torch.Tensor]
 
 _DECODER = (("mask_token", "the MAE decoder"), ("decoder_*", "the MAE decoder"))
 _HEAD = (("head.*", "the classification head"), ("fc_norm.*", "the classification head's norm"))
+_CLS = ("cls_token", "the model has a cls token, which a detectron2 (ViTDet) checkpoint does not keep")
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,12 @@ def _because(parts, where: str) -> Tuple[Tuple[str, str], ...]:
 # Safetensors wherever the target's own loader reads it (timm, transformers); elsewhere a torch.save'd dict of
 # plain tensors, in the container the host's checkpointer expects (the reference and detectron2: {'model': ...}).
 TARGETS: Dict[str, Target] = {
-    "mae": Target("mae", (".pth",), wrap="model"),
-    "timm": Target("timm", (".safetensors", ".pth"),
+    "mae": Target("mae", (".pth",), wrap="model", needs=(_CLS,)),
+    "timm": Target("timm", (".safetensors", ".pth"), needs=(_CLS,),
                    drops=_because(_DECODER, "timm's VisionTransformer is the encoder alone")),
     "hf": Target("hf", ("",),
                  drops=_because(_HEAD, "transformers' ViTMAE has no classifier"),
-                 needs=(("mask_token", "ViTMAEForPreTraining needs the MAE decoder (mask_token, decoder_*); "
+                 needs=(_CLS, ("mask_token", "ViTMAEForPreTraining needs the MAE decoder (mask_token, decoder_*); "
                                        "without it transformers would initialise one at random. Use a full "
                                        "checkpoint, or add --encoder-only to write a ViTMAEModel"),
                         ("norm.*", "ViTMAE ends with a LayerNorm (vit.layernorm), which a fine-tuned, "
@@ -84,7 +85,7 @@ TARGETS: Dict[str, Target] = {
                                            "and drops it at forward)"),
                              ("norm.*", "the encoder's final norm: ViTDet's pyramid reads the last block "
                                         "directly"))),
-    "mmseg": Target("mmseg", (".pth",),  # bare backbone keys, as mmseg's own model_converters write them
+    "mmseg": Target("mmseg", (".pth",), needs=(_CLS,),  # bare keys, as mmseg's own model_converters write them
                     drops=_because(_DECODER + _HEAD, "a segmentation backbone keeps the encoder only")),
 }
 
