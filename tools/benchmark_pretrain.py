@@ -11,16 +11,17 @@ CPU) on the same random batch, after warm-up steps, and reports the median:
   times is this machine's Table 2 speed-up;
 - transformers ViTMAEForPreTraining with the same configuration (SDPA attention, eager; optional dependency).
 Model FLOPs are counted by torch.utils.flop_counter on one step of each model (attention through the math kernel,
-which the counter sees), MFU is model FLOP/s over a matmul peak measured in this run in the same precision, and
-memory is the peak allocated on the GPU, or on CPU the peak growth of this process's resident set while a row runs.
+which the counter sees); MFU is model FLOP/s over a matmul peak measured in this run in the same precision. Each
+row runs in a fresh process; its memory is the peak allocated on the GPU, or on CPU the growth of its peak resident
+set over its size before training.
 """
 import argparse
+import multiprocessing
 import os
+import resource
 import statistics
-import threading
 import time
-from contextlib import contextmanager
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -121,47 +122,9 @@ def count_flops(loss_of: Callable[[torch.Tensor], torch.Tensor], images: torch.T
     return float(counter.get_total_flops())
 
 
-class PeakRSS:
-    """Samples this process's resident set size in a thread; `peak` is the largest seen while active."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-
-@contextmanager
-def peak_memory(device: torch.device):
-    """Peak memory of what runs inside: GPU memory allocated, or on CPU the resident set's growth over its size on
-    entry (model, gradients, optimizer state and activations)."""
-    result = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        yield result
-        result["bytes"] = torch.cuda.max_memory_allocated(device)
-    else:
-        with PeakRSS() as rss:
-            baseline = rss._rss()
-            yield result
-        result["bytes"] = rss.peak - baseline
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def time_step(step: Step, images: torch.Tensor, warmup: int, steps: int) -> float:
@@ -181,6 +144,40 @@ def time_step(step: Step, images: torch.Tensor, warmup: int, steps: int) -> floa
     return statistics.median(times)
 
 
+ROWS = {
+    "ours": "ours (encoder on visible patches)",
+    "mask_tokens": "ours, encoder w/ mask tokens",
+    "transformers": "transformers {version} ViTMAE",
+}
+
+
+def measure(row: str, args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
+    """One row, meant to run in a fresh process: its peak memory is then its own."""
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    mae = create_model(args.model, img_size=args.input_size, norm_pix_loss=True)
+    if row == "ours":
+        model, loss_of, compile_model = mae, (lambda m, x: m(x, mask_ratio=0.75)[0]), args.compile
+    elif row == "mask_tokens":
+        model, loss_of, compile_model = EncoderWithMaskTokens(mae), (lambda m, x: m(x, mask_ratio=0.75)), args.compile
+    else:
+        model, loss_of, compile_model = transformers_mae(mae), (lambda m, x: m(pixel_values=x).loss), False
+    flops = count_flops(lambda x: loss_of(model, x), images[:1].cpu()) * args.batch_size
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = resident_bytes()
+    step_s = time_step(make_step(model, loss_of, device, amp, compile_model), images, args.warmup, args.steps)
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
+    else:  # the process's peak resident set (ru_maxrss, KiB) over its size before training started
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return dict(flops=flops, step_s=step_s, memory=memory)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mae_vit_base_patch16",
@@ -191,61 +188,47 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (not transformers')")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["mask_tokens", "transformers"],
-                        help="rows to leave out")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's, all cores)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+                        help="what to measure; the first is the baseline of the ratios")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = torch.bfloat16 if device.type == "cuda" else None
-    peak_dtype = amp or torch.float32
-    torch.manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    peak = matmul_peak(device, peak_dtype)
-
-    def ours():
-        return create_model(args.model, img_size=args.input_size, norm_pix_loss=True)
-
-    rows = [("ours (encoder on visible patches)", lambda: ours(), lambda m, x: m(x, mask_ratio=0.75)[0], args.compile)]
-    if "mask_tokens" not in args.skip:
-        rows.append(("ours, encoder w/ mask tokens", lambda: EncoderWithMaskTokens(ours()),
-                     lambda m, x: m(x, mask_ratio=0.75), args.compile))
-    if "transformers" not in args.skip:
-        import transformers
-        rows.append((f"transformers {transformers.__version__} ViTMAE", lambda: transformers_mae(ours()),
-                     lambda m, x: m(pixel_values=x).loss, False))
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = matmul_peak(device, amp or torch.float32)
     results = []
-    for name, build, loss_of, compile_model in rows:
-        with peak_memory(device) as memory:
-            model = build()
-            flops = count_flops(lambda x: loss_of(model, x), images[:1].cpu()) * args.batch_size
-            model.zero_grad(set_to_none=True)
-            step = make_step(model, loss_of, device, amp, compile_model)
-            step_s = time_step(step, images, args.warmup, args.steps)
-        results.append(dict(name=name, flops=flops, step_s=step_s, memory=memory["bytes"]))
-        del model, step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    # Each row in a fresh process: peak memory is its own, and no row inherits another's allocator state.
+    context = multiprocessing.get_context("spawn")
+    for row in args.rows:
+        with context.Pool(1) as pool:
+            results.append(dict(pool.apply(measure, (row, args, device)), row=row))
+    names = dict(ROWS)
+    if "transformers" in args.rows:
+        import transformers
+        names["transformers"] = ROWS["transformers"].format(version=transformers.__version__)
 
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"\nMAE pretraining step: {args.model}, batch {args.batch_size}, {args.input_size}px, mask ratio 0.75, "
-          f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
-          f", {'bf16 autocast' if amp else 'fp32'}, fused AdamW{', torch.compile (ours)' if args.compile else ''}, "
-          f"torch {torch.__version__}")
-    print(f"measured {peak_dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s\n")
-    header = f"{'':44s} {'images/s':>10s} {'step ms':>10s} {'peak mem GiB':>13s} {'GFLOP/img':>10s} {'TFLOP/s':>9s} {'MFU':>6s}"
+          f"{device.type} ({where}), {'bf16 autocast' if amp else 'fp32'}, fused AdamW"
+          f"{', torch.compile (ours)' if args.compile else ''}, torch {torch.__version__}")
+    print(f"measured {amp or torch.float32} matmul peak: {peak / 1e12:.3f} TFLOP/s\n")
+    header = (f"{'':44s} {'images/s':>10s} {'step ms':>10s} {'peak mem GiB':>13s} {'GFLOP/img':>10s} "
+              f"{'TFLOP/s':>9s} {'MFU':>6s}")
     print(header)
     print("-" * len(header))
     for r in results:
         rate = r["flops"] / r["step_s"]
-        print(f"{r['name']:44s} {args.batch_size / r['step_s']:10.2f} {1e3 * r['step_s']:10.1f} "
+        print(f"{names[r['row']]:44s} {args.batch_size / r['step_s']:10.2f} {1e3 * r['step_s']:10.1f} "
               f"{r['memory'] / 2**30:13.2f} {r['flops'] / args.batch_size / 1e9:10.1f} {rate / 1e12:9.3f} "
               f"{100 * rate / peak:5.1f}%")
-    base = results[0]["step_s"]
     print()
+    base = results[0]
     for r in results[1:]:
-        what = "Table 2 speed-up (w/ mask tokens / ours)" if "mask tokens" in r["name"] else \
-            "ours / transformers (images/s)"
-        print(f"{what}: {r['step_s'] / base:.2f}x")
+        what = {"mask_tokens": f"Table 2 speed-up (step time of encoder w/ mask tokens / {base['row']})",
+                "transformers": f"{base['row']} / transformers (images/s)"}.get(r["row"], names[r["row"]])
+        print(f"{what}: {r['step_s'] / base['step_s']:.2f}x")
 
 
 if __name__ == "__main__":
