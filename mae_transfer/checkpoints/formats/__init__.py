@@ -157,4 +157,6 @@ register(Format("mae", "MAE reference layout ({'model': state_dict}); encoder-on
 register(Format("timm", "timm VisionTransformer state dict (same names as the reference, no container)",
                 _is_canonical))
 
+from . import detectron2  # noqa: E402,F401  (registers the format)
 from . import hf  # noqa: E402,F401  (registers the format)
+from . import mmseg  # noqa: E402,F401  (registers the format)

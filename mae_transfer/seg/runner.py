@@ -1,0 +1,43 @@
+"""What tools/train_seg.py and tools/test_seg.py share: building the config and turning metrics into a report."""
+import math
+import os.path as osp
+from typing import Dict, Optional, Sequence
+
+from mmengine.config import Config
+
+__all__ = ["load_config", "metrics_report"]
+
+_DATALOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+
+
+def load_config(path: str, *, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
+                data_root: Optional[str] = None, launcher: str = "none") -> Config:
+    """The config at `path` with mmseg's tool conventions applied: --cfg-options merged, work_dir from the flag, else
+    the config, else work_dirs/<config name>; `data_root` replaces every dataloader's dataset root (a config's
+    top-level `data_root` is substituted when the file is read, so overriding it with --cfg-options changes nothing)."""
+    cfg = Config.fromfile(path)
+    cfg.launcher = launcher
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("work_dirs", osp.splitext(osp.basename(path))[0])
+    if data_root is not None:
+        if not osp.isdir(data_root):
+            raise FileNotFoundError(f"--data-root {data_root}: no such directory")
+        for name in _DATALOADERS:
+            if cfg.get(name) is not None:
+                cfg[name].dataset.data_root = data_root
+    return cfg
+
+
+def metrics_report(metrics: Dict[str, float], classes: Sequence[str]) -> dict:
+    """{'aAcc', 'mIoU', 'mAcc', 'per_class': {class: {'IoU', 'Acc'}}} from PerClassIoUMetric's flat metrics;
+    NaN (a class in neither the ground truth nor the predictions) becomes None, which JSON can hold."""
+    def value(key):
+        v = metrics.get(key)
+        return None if v is None or math.isnan(v) else float(v)
+
+    return {"aAcc": value("aAcc"), "mIoU": value("mIoU"), "mAcc": value("mAcc"),
+            "per_class": {name: {"IoU": value(f"IoU.{name}"), "Acc": value(f"Acc.{name}")} for name in classes}}

@@ -1,0 +1,156 @@
+"""The ViTBackbone of mae_transfer.seg: any input size, equality with mmseg's own MAE, checkpoint loading and its report."""
+import pytest
+import torch
+
+pytest.importorskip("mmseg")
+
+from mmseg.models.backbones import MAE  # noqa: E402
+from mmseg.models.necks import Feature2Pyramid  # noqa: E402
+
+from mae_transfer.checkpoints import CheckpointError, FORMATS, read_checkpoint  # noqa: E402
+from mae_transfer.models import create_model, resize_pos_embed  # noqa: E402
+from mae_transfer.seg import ViTBackbone, default_out_indices  # noqa: E402
+
+# A small ViT: 4 blocks of width 64, 4 heads; trained on 64x64 crops (a 4x4 patch grid).
+SMALL = dict(arch="tiny", embed_dim=64, depth=4, num_heads=4, img_size=64, out_indices=(0, 1, 2, 3))
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Every parameter random, the zero-initialised relative position tables and the layer scales included, so that
+    a comparison exercises all of them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def test_default_out_indices_are_the_reference_blocks():
+    assert default_out_indices(12) == (3, 5, 7, 11)  # mmseg's MAE ViT-B config
+    assert default_out_indices(24) == (7, 11, 15, 23)  # BEiT-L
+
+
+def test_every_level_at_any_input_size_with_one_model():
+    torch.manual_seed(0)
+    backbone = ViTBackbone(**SMALL).eval()
+    _randomize(backbone)
+    neck = Feature2Pyramid(64, rescales=[4, 2, 1, 0.5], norm_cfg=dict(type="BN")).eval()
+    # training size, a larger square, and a non-square size that is not a multiple of 16 (padded to 13 x 22 patches)
+    for (h, w), grid in [((64, 64), (4, 4)), ((224, 224), (14, 14)), ((512, 512), (32, 32)), ((200, 344), (13, 22))]:
+        with torch.no_grad():
+            levels = backbone(torch.randn(2, 3, h, w))
+            pyramid = neck(levels)
+        assert [tuple(x.shape) for x in levels] == [(2, 64, *grid)] * 4
+        gh, gw = grid
+        assert [tuple(x.shape) for x in pyramid] == [(2, 64, 4 * gh, 4 * gw), (2, 64, 2 * gh, 2 * gw),
+                                                     (2, 64, gh, gw), (2, 64, gh // 2, gw // 2)]
+        assert all(torch.isfinite(x).all() for x in levels)
+
+
+def test_gradients_reach_relative_position_tables_at_another_size():
+    backbone = ViTBackbone(**SMALL).train()
+    sum(x.sum() for x in backbone(torch.randn(1, 3, 80, 48))).backward()
+    for block in backbone.vit.blocks:
+        assert block.rel_pos_bias.table.grad is not None and block.rel_pos_bias.table.grad.abs().sum() > 0
+    assert backbone.vit.pos_embed.grad.abs().sum() > 0
+
+
+def test_equals_mmseg_mae_with_the_same_converted_weights(tmp_path):
+    """Peer check at the training size: the same random weights, written in the 'mmseg' format and loaded by each
+    library's own code path, give the same outputs at every level."""
+    ours = ViTBackbone(**SMALL).eval()
+    _randomize(ours, seed=1)
+    mmseg_sd = FORMATS["mmseg"].from_canonical(ours.vit.state_dict())
+    path = tmp_path / "backbone_mmseg.pth"
+    torch.save(mmseg_sd, path)
+
+    theirs = MAE(img_size=64, patch_size=16, embed_dims=64, num_layers=4, num_heads=4, mlp_ratio=4,
+                 out_indices=[0, 1, 2, 3], init_values=1.0, norm_cfg=dict(type="LN", eps=1e-6),
+                 init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    theirs.init_weights()
+    theirs.eval()  # (BEiT.train returns None, so no chaining)
+    # the mapping produces exactly mmseg's parameter names (the relative position index is a derived buffer)
+    their_sd = {k: v for k, v in theirs.state_dict().items() if not k.endswith("relative_position_index")}
+    assert set(mmseg_sd) == set(their_sd)
+    assert all(torch.equal(mmseg_sd[k], their_sd[k]) for k in mmseg_sd)
+
+    reloaded = ViTBackbone(**SMALL, init_cfg=dict(type="Pretrained", checkpoint=str(path))).eval()
+    reloaded.init_weights()  # through read_checkpoint's 'mmseg' format detection
+    assert read_checkpoint(path).format == "mmseg"
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(x)
+        for out in (ours(x), reloaded(x)):
+            assert len(out) == len(expected) == 4
+            for a, b in zip(out, expected):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_checkpoint_loads_with_an_exact_report(tmp_path):
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny_patch16", embed_dim=64, depth=4, num_heads=4)  # pretrained at 224: 14x14 grid
+    path = tmp_path / "mae_pretrain_full.pth"
+    torch.save({"model": mae.state_dict()}, path)  # the reference's layout, decoder included
+
+    backbone = ViTBackbone(**SMALL)
+    report = backbone.load_encoder(path)
+
+    encoder = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    expected_loaded = {k for k in encoder if not k.startswith("norm.")}
+    assert set(report.loaded) == expected_loaded
+    assert set(report.new) == {f"blocks.{i}.{name}" for i in range(4)
+                               for name in ("rel_pos_bias.table", "ls1.gamma", "ls2.gamma")}
+    assert set(report.dropped) == {"norm.weight", "norm.bias"} | {k for k in mae.state_dict() if k not in encoder}
+    # every encoder tensor landed; the position embedding resized from 14x14 to the 4x4 training grid
+    ours = backbone.vit.state_dict()
+    for key in expected_loaded - {"pos_embed"}:
+        assert torch.equal(ours[key], encoder[key]), key
+    torch.testing.assert_close(ours["pos_embed"], resize_pos_embed(encoder["pos_embed"], (4, 4), (14, 14)))
+    assert "blocks.{0..3}.rel_pos_bias.table" in str(report)
+
+
+def test_checkpoint_of_another_width_fails_clearly(tmp_path):
+    other = create_model("vit_tiny_patch16", embed_dim=96, depth=4, num_heads=4)
+    path = tmp_path / "wide.pth"
+    torch.save({"model": other.state_dict()}, path)
+    backbone = ViTBackbone(**SMALL, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    with pytest.raises(CheckpointError, match=r"'embed_dim': 96.*'embed_dim': 64"):
+        backbone.init_weights()
+
+
+def test_mmseg_format_round_trip_and_segmentor_state_dicts():
+    backbone = ViTBackbone(**SMALL)
+    canonical = backbone.vit.state_dict()
+    fmt = FORMATS["mmseg"]
+    mmseg_sd = fmt.from_canonical(canonical)
+    assert fmt.matches(mmseg_sd) and not fmt.matches(canonical)
+    assert fmt.to_canonical(mmseg_sd).keys() == canonical.keys()
+    # a whole mmseg segmentor's state dict: the backbone is kept, the heads are not encoder weights
+    segmentor = {**{f"backbone.{k}": v for k, v in mmseg_sd.items()}, "decode_head.conv_seg.weight": torch.zeros(1)}
+    assert fmt.matches(segmentor) and fmt.to_canonical(segmentor).keys() == canonical.keys()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_follows_fp32_and_trains(dtype):
+    """On CUDA, under autocast the relative position bias goes into SDPA as a float mask: outputs follow fp32 and a
+    GradScaler step reaches every parameter."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = ViTBackbone(**SMALL).cuda()
+    _randomize(model, seed=2)
+    x = torch.randn(2, 3, 200, 344, device="cuda")
+    with torch.no_grad():
+        reference = model.eval()(x)
+        with torch.autocast("cuda", dtype=dtype):
+            low = model(x)
+    for a, b in zip(low, reference):
+        error = (a.float() - b).norm() / b.norm()
+        assert 0 < error < 2e-2  # low precision did run, and stays close
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with torch.autocast("cuda", dtype=dtype):
+        loss = sum(level.float().square().mean() for level in model.train()(x))
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
