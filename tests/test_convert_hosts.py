@@ -11,9 +11,6 @@ from mae_transfer.models import vit_tiny_patch16
 convert_tool = load_tool("convert_checkpoint")
 
 
-@pytest.mark.xfail(strict=True, reason="mae_transfer/det/checkpointer.py (encoder_to_detectron2) decides whether "
-                   "pos_embed has a cls row by the presence of cls_token, which the 'detectron2' format drops; it "
-                   "should count the rows (as it does for the model's). Remove this mark once that is fixed.")
 def test_detectron2_output_loads_into_our_vitdet_config_by_exact_names(tmp_path):
     encoder = vit_tiny_patch16(img_size=64, depth=2).state_dict()
     torch.save({"model": encoder}, tmp_path / "mae_pretrain_vit_tiny.pth")

@@ -1,0 +1,141 @@
+"""Loading weights into a ViTDet model by exact names, and saving its training checkpoints atomically.
+
+detectron2 loads an MAE encoder with `?matching_heuristics=True`: keys are matched by suffix, which maps the
+encoder's final norm onto pyramid norms and floods the log with missing/unexpected keys (detectron2 issues 4641,
+4566). Here every tensor has one place, decided by the 'detectron2' checkpoint format, and one report says what
+was loaded, what is new and what was dropped. The checkpointer accepts two kinds of file:
+
+- an encoder in any format that mae_transfer.checkpoints recognises (MAE reference, timm, ours, ...) for
+  `train.init_checkpoint`: its tensors go under backbone.net, with the patch embedding resampled (ViT-H/14 -> 16)
+  and the position-embedding grid resized where the model's differ;
+- a checkpoint of the whole detector, as this checkpointer saves it, for --resume and --eval-only: loaded 1:1.
+"""
+import logging
+import math
+import os
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
+
+from ..checkpoints import (Checkpoint, CheckpointError, LoadReport, load_into, read_checkpoint, read_file,
+                           save_training_state)
+from ..checkpoints.formats.detectron2 import PREFIX, detectron2_name
+from ..models import arch_from_width, resample_patch_embed, resize_pos_embed
+
+__all__ = ["ViTDetCheckpointer", "encoder_to_detectron2", "load_encoder"]
+
+logger = logging.getLogger(__name__)
+
+# Model tensors that no encoder checkpoint holds: ViTDet's additions inside the ViT, and everything around it.
+_NEW_IN_VIT = (PREFIX + "blocks.*.attn.rel_pos_h", PREFIX + "blocks.*.attn.rel_pos_w", PREFIX + "blocks.*.residual.*")
+
+
+def _vit_shape(model_sd: Dict[str, torch.Tensor], source: str) -> Tuple[int, int, int]:
+    """(width, depth, patch size) of the ViT under backbone.net."""
+    key = PREFIX + "patch_embed.proj.weight"
+    if key not in model_sd:
+        raise CheckpointError(f"cannot load the encoder {source}: the model has no detectron2 ViT at {PREFIX[:-1]!r}")
+    width, _, patch, _ = model_sd[key].shape
+    depth = len({k.split(".")[3] for k in model_sd if k.startswith(PREFIX + "blocks.")})
+    return width, depth, patch
+
+
+def _describe(width: int, depth: int) -> str:
+    name = arch_from_width(width)
+    return f"{'ViT-' + name if name else 'a ViT'} ({width} wide, {depth} blocks)"
+
+
+def encoder_to_detectron2(ckpt: Checkpoint, model_sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor],
+                                                                                          List[str]]:
+    """The checkpoint's tensors named for a ViTDet model with state dict `model_sd`, and notes on what was adapted.
+
+    Encoder tensors get their detectron2 names; the patch embedding is resampled (timm's resample_patch_embed) and
+    the position embedding's grid resized bicubically when the model's patch size or pretraining grid differ.
+    Tensors with no place in the detector (cls token, final norm, decoder, classifier) keep their canonical names.
+    """
+    sd, source = ckpt.state_dict, str(ckpt.path)
+    arch = ckpt.arch()
+    width, depth, patch = _vit_shape(model_sd, source)
+    if (arch["embed_dim"], arch["depth"]) != (width, depth):
+        raise CheckpointError(
+            f"{source} holds {_describe(arch['embed_dim'], arch['depth'])} but the config builds "
+            f"{_describe(width, depth)} (model.backbone.net): use the det_configs file of the checkpoint's size, or set "
+            f"model.backbone.net.embed_dim/depth/num_heads (and window_block_indexes) to match it")
+    out = {detectron2_name(k) or k: v for k, v in sd.items()}
+    notes = []
+
+    proj = out[PREFIX + "patch_embed.proj.weight"]
+    if proj.shape[-1] != patch:
+        out[PREFIX + "patch_embed.proj.weight"] = resample_patch_embed(proj, [patch, patch])
+        notes.append(f"patch_embed.proj.weight resampled from {proj.shape[-1]}x{proj.shape[-1]} to {patch}x{patch}")
+
+    pos_key = PREFIX + "pos_embed"
+    if pos_key in out and pos_key in model_sd:
+        pos, want = out[pos_key], model_sd[pos_key].shape[1]
+        # A grid is square, so a token count that is not holds the cls row (n and n + 1 are never both squares).
+        have_cls, want_cls = (int(math.isqrt(n) ** 2 != n) for n in (pos.shape[1], want))
+        old, new = math.isqrt(pos.shape[1] - have_cls), math.isqrt(want - want_cls)
+        if (old, have_cls) != (new, want_cls):
+            grid = resize_pos_embed(pos[:, have_cls:], (new, new), (old, old), num_prefix_tokens=0)
+            # detectron2's ViT only stores the cls row (get_abs_pos drops it), so its value is never used.
+            cls_row = pos[:, :1] if have_cls else pos.new_zeros(1, 1, pos.shape[-1])
+            out[pos_key] = torch.cat([cls_row, grid], dim=1) if want_cls else grid
+            notes.append(f"pos_embed resized from a {old}x{old} to a {new}x{new} grid")
+    return out, notes
+
+
+def load_encoder(model: nn.Module, ckpt: Checkpoint) -> LoadReport:
+    """Load an encoder checkpoint into a ViTDet model; errors on any tensor without its place or of the wrong shape."""
+    model_sd = model.state_dict()
+    sd, notes = encoder_to_detectron2(ckpt, model_sd)
+    new = [*_NEW_IN_VIT, *(k for k in model_sd if not k.startswith(PREFIX))]
+    dropped = [k for k in ckpt.state_dict if detectron2_name(k) is None]
+    report = load_into(model, sd, new=new, dropped=dropped, source=f"{ckpt.path} ({ckpt.format}, {ckpt.kind})")
+    for note in notes:
+        logger.info(note)
+    return report
+
+
+def _is_detector_checkpoint(obj) -> bool:
+    """A whole-detector checkpoint ({'model': state_dict} with parts beyond the ViT), as detectron2 saves one."""
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return isinstance(model, dict) and any(k.startswith(PREFIX) for k in model) \
+        and any(not k.startswith(PREFIX) for k in model)
+
+
+class ViTDetCheckpointer(DetectionCheckpointer):
+    """detectron2's DetectionCheckpointer (resume, periodic saving, DDP-aware loading) with exact-name loading
+    through mae_transfer.checkpoints, safe reading (no arbitrary unpickling) and atomic saving."""
+
+    def _load_file(self, filename: str) -> dict:
+        query = self._parsed_url_during_load.query if self._parsed_url_during_load else ""
+        if query:
+            raise CheckpointError(f"{filename}?{query}: checkpoints load by exact names here; "
+                                  f"drop the '?{query}' from the path")
+        obj, _ = read_file(filename)
+        if _is_detector_checkpoint(obj):
+            return obj
+        # An encoder: read again through the format registry, which has no canonical form for a whole detector.
+        return {"model": read_checkpoint(filename)}
+
+    def _load_model(self, checkpoint: dict) -> None:
+        state = checkpoint.pop("model")
+        if isinstance(state, Checkpoint):
+            report = load_encoder(self.model, state)
+        else:
+            report = load_into(self.model, state, new=(), dropped=(), source="detector checkpoint")
+        self.logger.info(str(report))
+        return None  # load_into refused any missing, unexpected or mis-shaped tensor: nothing left to warn about
+
+    def save(self, name: str, **kwargs) -> None:
+        """As fvcore's Checkpointer.save, but written atomically: an interrupted save never leaves a torn file."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()},
+                **kwargs}
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info(f"Saving checkpoint to {path}")
+        save_training_state(path, data)
+        self.tag_last_checkpoint(os.path.basename(path))

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Train or evaluate Mask R-CNN with an MAE ViT backbone (ViTDet) in detectron2, from a LazyConfig in det_configs/.
+
+detectron2's conventions (those of its tools/lazyconfig_train_net.py): --config-file, --num-gpus, --num-machines,
+--machine-rank, --dist-url, --resume, --eval-only, then key=value overrides of the config.
+
+    python tools/train_det.py --config-file det_configs/mask_rcnn_vit_base_100ep.py --num-gpus 8 \
+        train.init_checkpoint=runs/pretrain/checkpoint-799.safetensors train.output_dir=runs/det_vit_base
+    python tools/train_det.py --config-file det_configs/mask_rcnn_vit_base_100ep.py --num-gpus 8 --resume \
+        train.output_dir=runs/det_vit_base                     # continue from runs/det_vit_base/last_checkpoint
+    python tools/train_det.py --config-file det_configs/mask_rcnn_vit_base_100ep.py --eval-only \
+        train.init_checkpoint=runs/det_vit_base/model_final.pth
+
+Differences from detectron2's script: weights load by exact names with one report (mae_transfer.det.ViTDetCheckpointer),
+checkpoints are written atomically, AMP is used only where it exists (CUDA), and every evaluation prints one
+box/mask AP table and writes it to <train.output_dir>/coco_ap.json.
+"""
+import logging
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parser, default_setup, default_writers,
+                               hooks, launch)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.utils import comm
+
+from mae_transfer.det import ViTDetCheckpointer, check_num_classes, evaluate
+
+logger = logging.getLogger("detectron2")
+
+_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_device(cfg, num_gpus: int) -> None:
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={cfg.train.device} but PyTorch sees no CUDA GPU: add train.device=cpu")
+    if num_gpus > 1 and not cfg.train.device.startswith("cuda"):
+        raise ValueError(f"--num-gpus {num_gpus} needs train.device=cuda (detectron2's launch runs one GPU per process)")
+
+
+def build_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """detectron2's AMPTrainer on CUDA when train.amp.enabled (train.amp.precision: float16, with loss scaling, or
+    bfloat16), else its float32 SimpleTrainer: AMPTrainer is CUDA-only, and CPUs here gain nothing from autocast."""
+    if not cfg.train.amp.enabled:
+        return SimpleTrainer(model, data_loader, optimizer)
+    if not cfg.train.device.startswith("cuda"):
+        logger.warning(f"train.amp.enabled has no effect on {cfg.train.device}: training in float32")
+        return SimpleTrainer(model, data_loader, optimizer)
+    name = cfg.train.amp.get("precision", "float16")
+    if name not in _AMP_DTYPES:
+        raise ValueError(f"train.amp.precision={name!r}: choose one of {', '.join(_AMP_DTYPES)}")
+    precision = _AMP_DTYPES[name]
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)  # bfloat16 needs no loss scaling
+    return AMPTrainer(model, data_loader, optimizer, precision=precision, grad_scaler=scaler)
+
+
+def do_train(args, cfg) -> None:
+    model = instantiate(cfg.model).to(cfg.train.device)
+    logger.info("Model:\n%s", model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    if "name" in cfg.dataloader.train.dataset:  # datasets given by paths (mae_transfer.det.coco_instances)
+        check_num_classes(cfg.dataloader.train.dataset.name, cfg.model.roi_heads.num_classes)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = build_trainer(cfg, model, train_loader, optimizer)
+    checkpointer = ViTDetCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+        hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model, iteration=trainer.iter + 1)),
+        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+        if comm.is_main_process() else None,
+    ])
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # A checkpoint stores the iteration that had just finished.
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    check_device(cfg, args.num_gpus * args.num_machines)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = create_ddp_model(instantiate(cfg.model).to(cfg.train.device))
+        ViTDetCheckpointer(model).load(cfg.train.init_checkpoint)
+        return evaluate(cfg, model, checkpoint=cfg.train.init_checkpoint)
+    do_train(args, cfg)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
