@@ -1,0 +1,106 @@
+"""MAE checkpoints into the ViTDet detector: every tensor by exact name, one report of what is loaded, new and
+dropped, position and patch embeddings adapted, and a clear error for a checkpoint of another size."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.config import LazyConfig, instantiate
+from timm.layers import resample_patch_embed
+
+from mae_transfer.checkpoints import CheckpointError, read_checkpoint
+from mae_transfer.det import ViTDetCheckpointer, load_encoder
+from mae_transfer.models import mae_vit_tiny_patch16, vit_small_patch16, vit_tiny_patch16
+
+CONFIG = Path(__file__).resolve().parents[1] / "det_configs" / "mask_rcnn_vit_tiny_synthetic.py"
+DEPTH = 2
+ENCODER_ONLY = ("cls_token", "norm.weight", "norm.bias")  # no place in detectron2's ViT
+
+
+@pytest.fixture(scope="module")
+def detector_cfg():
+    """The tiny config with 2 blocks (the first windowed, the second global): 64 px pretraining, patch 16."""
+    cfg = LazyConfig.load(str(CONFIG))
+    cfg.model.backbone.net.update(depth=DEPTH, window_block_indexes=[0])
+    return cfg
+
+
+def _save_reference(path: Path, state_dict) -> Path:
+    torch.save({"model": state_dict}, path)  # as the MAE reference's main_pretrain.py writes it
+    return path
+
+
+def test_every_pretrained_tensor_lands_in_place_and_the_report_is_exact(detector_cfg, tmp_path):
+    mae = mae_vit_tiny_patch16(img_size=64, depth=DEPTH)  # the full pretraining model: encoder and decoder
+    sd = mae.state_dict()
+    path = _save_reference(tmp_path / "checkpoint-19.pth", sd)
+    model = instantiate(detector_cfg.model)
+    report = load_encoder(model, read_checkpoint(path))
+
+    model_sd = model.state_dict()
+    encoder_keys = [k for k in mae.encoder_state_dict() if k not in ENCODER_ONLY]
+    assert len(encoder_keys) == 3 + 12 * DEPTH  # patch_embed.proj.{weight,bias}, pos_embed; 6 weights, 6 biases a block
+    for k in encoder_keys:
+        assert torch.equal(model_sd["backbone.net." + k], sd[k]), k
+    assert sorted(report.loaded) == sorted("backbone.net." + k for k in encoder_keys)
+
+    rel_pos = {f"backbone.net.blocks.{i}.attn.rel_pos_{a}" for i in range(DEPTH) for a in "hw"}
+    detector_parts = {k for k in model_sd if not k.startswith("backbone.net.")}
+    assert any(k.startswith("backbone.simfp_") for k in detector_parts)
+    assert any(k.startswith("roi_heads.mask_head.") for k in detector_parts)
+    assert set(report.new) == rel_pos | detector_parts
+    decoder = {k for k in sd if k == "mask_token" or k.startswith("decoder_")}
+    assert len(decoder) > 0
+    assert set(report.dropped) == set(ENCODER_ONLY) | decoder
+    text = str(report)
+    assert "new (not in the checkpoint" in text and "dropped (in the checkpoint" in text and "decoder_blocks" in text
+
+
+def test_checkpointer_loads_an_encoder_and_round_trips_a_detector(detector_cfg, tmp_path):
+    encoder = vit_tiny_patch16(img_size=64, depth=DEPTH).state_dict()
+    model = instantiate(detector_cfg.model)
+    ViTDetCheckpointer(model).load(str(_save_reference(tmp_path / "mae_pretrain_vit_tiny.pth", encoder)))
+    assert torch.equal(model.state_dict()["backbone.net.blocks.1.mlp.fc2.weight"], encoder["blocks.1.mlp.fc2.weight"])
+
+    ViTDetCheckpointer(model, str(tmp_path)).save("model_final")
+    fresh = instantiate(detector_cfg.model)
+    ViTDetCheckpointer(fresh).load(str(tmp_path / "model_final.pth"))  # the whole detector, loaded 1:1
+    fresh_sd = fresh.state_dict()
+    assert all(torch.equal(v, fresh_sd[k]) for k, v in model.state_dict().items())
+
+
+def test_position_grid_is_resized_and_14px_patches_resampled_to_16(detector_cfg, tmp_path):
+    # A ViT-H-like encoder: 14 px patches on a 2x2 grid; the model has 16 px patches and a 4x4 pretraining grid.
+    encoder = vit_tiny_patch16(img_size=28, patch_size=14, depth=DEPTH).state_dict()
+    model = instantiate(detector_cfg.model)
+    report = load_encoder(model, read_checkpoint(_save_reference(tmp_path / "mae_pretrain_vit_h14.pth", encoder)))
+    model_sd = model.state_dict()
+
+    assert torch.equal(model_sd["backbone.net.patch_embed.proj.weight"],
+                       resample_patch_embed(encoder["patch_embed.proj.weight"], [16, 16]))
+    pos = encoder["pos_embed"]  # (1, 1 + 2*2, 192): cls row first
+    grid = pos[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model_sd["backbone.net.pos_embed"], torch.cat([pos[:, :1], resized], dim=1))
+    assert "backbone.net.pos_embed" in report.loaded
+
+
+def test_checkpoint_of_another_width_is_refused_by_name(detector_cfg, tmp_path):
+    encoder = vit_small_patch16(img_size=64, depth=DEPTH).state_dict()
+    path = _save_reference(tmp_path / "mae_pretrain_vit_small.pth", encoder)
+    model = instantiate(detector_cfg.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as error:
+        ViTDetCheckpointer(model).load(str(path))
+    message = str(error.value)
+    assert str(path) in message
+    assert "ViT-small (384 wide, 2 blocks)" in message and "ViT-tiny (192 wide, 2 blocks)" in message
+    assert "model.backbone.net" in message
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
+
+
+def test_matching_heuristics_are_refused(detector_cfg, tmp_path):
+    encoder = vit_tiny_patch16(img_size=64, depth=DEPTH).state_dict()
+    path = _save_reference(tmp_path / "mae_pretrain_vit_tiny.pth", encoder)
+    with pytest.raises(CheckpointError, match=r"exact names.*drop the '\?matching_heuristics=True'"):
+        ViTDetCheckpointer(instantiate(detector_cfg.model)).load(f"{path}?matching_heuristics=True")
