@@ -70,7 +70,9 @@ def do_train(args, cfg) -> None:
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: evaluate(cfg, model, iteration=trainer.iter + 1)),
+        # Iterations done: trainer.iter is the one just run, or max_iter once training has finished.
+        hooks.EvalHook(cfg.train.eval_period,
+                       lambda: evaluate(cfg, model, iteration=min(trainer.iter + 1, cfg.train.max_iter))),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
     ])

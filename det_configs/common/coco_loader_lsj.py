@@ -29,6 +29,9 @@ dataloader.test.dataset = L(coco_instances)(
     filter_empty=False,
 )
 dataloader.evaluator.dataset_name = "${..test.dataset.name}"
+# Mask R-CNN: box and mask AP always (COCOEvaluator infers the tasks from the predictions, so a model that detects
+# nothing yet would report box AP only).
+dataloader.evaluator.tasks = ("bbox", "segm")
 
 image_size = 1024
 dataloader.train.mapper.augmentations = [

@@ -1,0 +1,128 @@
+"""tools/train_det.py with the tiny config on the synthetic COCO-format world: training lowers the loss,
+--eval-only on its checkpoint reports the same box and mask AP, and ground truth scores AP 100 on the evaluation path."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import LazyConfig
+from detectron2.data.detection_utils import annotations_to_instances
+from detectron2.engine import default_argument_parser
+
+from convert_helpers import load_tool
+from mae_transfer.data.synthetic import generate_world
+from mae_transfer.det import AP_FILE, ap_table, coco_instances, evaluate
+from mae_transfer.det.evaluation import METRICS
+
+CONFIG = Path(__file__).resolve().parents[1] / "det_configs" / "mask_rcnn_vit_tiny_synthetic.py"
+ITERS = 30
+train_det = load_tool("train_det")
+
+
+@pytest.fixture(scope="session")
+def coco_world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("det_world") / "world"
+    generate_world(root, seed=0, size="tiny")  # 8 train and 4 val images of 64 px, 1-4 objects each
+    return root / "coco"
+
+
+def dataset_overrides(coco: Path) -> list:
+    return [f"dataloader.train.dataset.json_file={coco}/annotations/instances_train.json",
+            f"dataloader.train.dataset.image_root={coco}/train",
+            f"dataloader.test.dataset.json_file={coco}/annotations/instances_val.json",
+            f"dataloader.test.dataset.image_root={coco}/val",
+            "dataloader.train.num_workers=0", "dataloader.test.num_workers=0"]
+
+
+def run_tool(*flags_and_overrides: str):
+    """tools/train_det.py's main in this process, with its own command-line parsing."""
+    args = default_argument_parser().parse_args(["--config-file", str(CONFIG), *flags_and_overrides])
+    return train_det.main(args)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small matrices: one thread is as fast, and two are far slower when other jobs share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(coco_world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("det_run")
+    run_tool(*dataset_overrides(coco_world), f"train.output_dir={out}", "train.device=cpu", f"train.max_iter={ITERS}",
+             f"train.eval_period={ITERS}", "train.log_period=1", f"train.checkpointer.period={ITERS}",
+             "dataloader.train.total_batch_size=2")
+    return out
+
+
+def _ap_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_training_lowers_the_loss(trained):
+    events = [json.loads(line) for line in (trained / "metrics.json").read_text().splitlines()]
+    losses = {e["iteration"]: e["total_loss"] for e in events if "total_loss" in e}
+    assert sorted(losses) == list(range(ITERS))
+    # Logged values are medians over detectron2's 20-iteration window: the first is iteration 0's own loss.
+    assert losses[ITERS - 1] < 0.7 * losses[0], losses
+    assert (trained / "model_final.pth").is_file() and (trained / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_eval_only_on_the_checkpoint_reports_box_and_mask_ap(trained, coco_world, tmp_path):
+    results = run_tool("--eval-only", *dataset_overrides(coco_world), "train.device=cpu",
+                       f"train.init_checkpoint={trained / 'model_final.pth'}", f"train.output_dir={tmp_path}")
+    assert set(results) == {"bbox", "segm"}
+    for task in ("bbox", "segm"):
+        assert set(METRICS) <= set(results[task])
+        assert 0 <= results[task]["AP"] <= 100
+    written = _ap_json(tmp_path / AP_FILE)
+    assert written["checkpoint"] == str(trained / "model_final.pth")
+    for task in ("bbox", "segm"):
+        assert written[task]["AP"] == pytest.approx(results[task]["AP"])
+    # The checkpoint holds the trained model exactly: the same AP as the evaluation at the end of training.
+    at_end = _ap_json(trained / AP_FILE)
+    assert at_end["iteration"] == ITERS
+    for task in ("bbox", "segm"):
+        assert written[task]["AP"] == pytest.approx(at_end[task]["AP"], abs=1e-6)
+
+
+class GroundTruthModel(torch.nn.Module):
+    """Predicts, for each test image, its own annotations (detectron2's conversion to Instances) with score 1."""
+
+    def __init__(self, dataset_dicts):
+        super().__init__()
+        self.images = {d["image_id"]: d for d in dataset_dicts}
+
+    def forward(self, inputs):
+        outputs = []
+        for x in inputs:
+            d = self.images[x["image_id"]]
+            gt = annotations_to_instances(d["annotations"], (d["height"], d["width"]), mask_format="bitmask")
+            gt.pred_boxes, gt.pred_classes, gt.pred_masks = gt.gt_boxes, gt.gt_classes, gt.gt_masks.tensor
+            gt.scores = torch.ones(len(gt))
+            for name in ("gt_boxes", "gt_classes", "gt_masks"):
+                gt.remove(name)
+            outputs.append({"instances": gt})
+        return outputs
+
+
+def test_ground_truth_as_predictions_scores_ap_100(coco_world, tmp_path):
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(CONFIG)),
+                                     [*dataset_overrides(coco_world), f"train.output_dir={tmp_path}"])
+    test = cfg.dataloader.test.dataset
+    dicts = coco_instances(test.name, test.json_file, test.image_root, filter_empty=False)
+    assert sum(len(d["annotations"]) for d in dicts) >= len(dicts)
+
+    results = evaluate(cfg, GroundTruthModel(dicts))
+    for task in ("bbox", "segm"):
+        for metric in ("AP", "AP50", "AP75"):
+            assert results[task][metric] == pytest.approx(100.0), (task, metric)
+        # Object-size buckets without objects are NaN (written as null), any other is 100.
+        assert all(math.isnan(results[task][m]) or results[task][m] == pytest.approx(100.0) for m in METRICS)
+    rows = {line.split("|")[1].strip(): line for line in ap_table(results).splitlines()[2:]}
+    assert set(rows) == {"box", "mask"} and all(row.count("100.00") >= 3 for row in rows.values())
+    assert _ap_json(tmp_path / AP_FILE)["segm"]["AP"] == pytest.approx(100.0)
