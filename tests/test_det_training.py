@@ -1,5 +1,5 @@
 """tools/train_det.py with the tiny config on the synthetic COCO-format world: training lowers the loss,
---eval-only on its checkpoint reports the same box and mask AP, and ground truth scores AP 100 on the evaluation path."""
+--eval-only on its checkpoint reports the same box and mask AP, and ground truth scores AP 100 through evaluate."""
 import json
 import math
 from pathlib import Path

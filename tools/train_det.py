@@ -35,7 +35,8 @@ def check_device(cfg, num_gpus: int) -> None:
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={cfg.train.device} but PyTorch sees no CUDA GPU: add train.device=cpu")
     if num_gpus > 1 and not cfg.train.device.startswith("cuda"):
-        raise ValueError(f"--num-gpus {num_gpus} needs train.device=cuda (detectron2's launch runs one GPU per process)")
+        raise ValueError(f"--num-gpus {num_gpus} needs train.device=cuda "
+                         f"(detectron2's launch runs one GPU per process)")
 
 
 def build_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:

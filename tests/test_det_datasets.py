@@ -1,0 +1,69 @@
+"""COCO-format datasets by paths: what a user sees when a path or an image is wrong, or the class count is."""
+import shutil
+from pathlib import Path
+
+import pytest
+from detectron2.engine import default_argument_parser
+
+from convert_helpers import load_tool
+from mae_transfer.data.synthetic import CATEGORIES, generate_world
+from mae_transfer.det import coco_instances
+
+CONFIG = Path(__file__).resolve().parents[1] / "det_configs" / "mask_rcnn_vit_tiny_synthetic.py"
+train_det = load_tool("train_det")
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("det_world") / "world"
+    generate_world(root, seed=0, size="tiny")
+    return root / "coco"
+
+
+def train_on(out, json_file, image_root, *overrides):
+    """tools/train_det.py's main, training on the given files: the errors come before the first iteration."""
+    args = default_argument_parser().parse_args([
+        "--config-file", str(CONFIG), f"dataloader.train.dataset.json_file={json_file}",
+        f"dataloader.train.dataset.image_root={image_root}", "dataloader.train.num_workers=0", "train.device=cpu",
+        f"train.output_dir={out}", "train.max_iter=1", *overrides])
+    return train_det.main(args)
+
+
+def test_missing_annotation_file_is_named(coco, tmp_path):
+    missing = tmp_path / "annotations" / "instances_train.json"
+    with pytest.raises(FileNotFoundError) as error:
+        train_on(tmp_path, missing, coco / "train")
+    message = str(error.value)
+    assert "annotation file not found" in message and str(missing) in message
+    assert "dataloader.{train,test}.dataset.json_file=" in message
+
+
+def test_missing_image_folder_is_named(coco, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"image folder not found: {tmp_path / 'images'}"):
+        train_on(tmp_path, coco / "annotations" / "instances_train.json", tmp_path / "images")
+
+
+def test_image_referenced_but_absent_is_named(coco, tmp_path):
+    images = tmp_path / "train"
+    shutil.copytree(coco / "train", images)
+    absent = sorted(images.iterdir())[3]
+    absent.unlink()
+    json_file = coco / "annotations" / "instances_train.json"
+    with pytest.raises(FileNotFoundError) as error:
+        train_on(tmp_path, json_file, images)
+    message = str(error.value)
+    assert f"1 of the 8 images that {json_file} references are missing under {images}" in message
+    assert str(absent) in message
+
+
+def test_class_count_other_than_the_datasets_is_refused(coco, tmp_path):
+    with pytest.raises(ValueError, match=rf"has {len(CATEGORIES)} categories but model.roi_heads.num_classes is 3"):
+        train_on(tmp_path, coco / "annotations" / "instances_train.json", coco / "train",
+                 "model.roi_heads.num_classes=3")
+
+
+def test_any_coco_format_dataset_loads_by_paths(coco):
+    dicts = coco_instances("my_dataset", coco / "annotations" / "instances_val.json", coco / "val",
+                           filter_empty=False)
+    assert len(dicts) == 4 and all(Path(d["file_name"]).parent == coco / "val" for d in dicts)
+    assert all(0 <= a["category_id"] < len(CATEGORIES) for d in dicts for a in d["annotations"])
