@@ -74,10 +74,12 @@ def read_file(path) -> Tuple[Any, Dict[str, Any]]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message is mostly advice to pass weights_only=False; keep the unpickler's own reason.
+        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or type(e).__name__
         raise CheckpointError(
-            f"{path}: refused to load: it contains pickled objects other than tensors and plain containers, "
-            f"and unpickling them could run arbitrary code ({first})") from None
+            f"{path}: refused to load: not a plain tensor checkpoint (the weights-only unpickler stopped at: "
+            f"{reason}). It is either corrupt or holds pickled objects beyond tensors and plain containers, which "
+            f"could run arbitrary code when unpickled, so it is never unpickled here") from None
     except Exception as e:  # noqa: BLE001 - whatever the unpickler trips on, the file is not a checkpoint
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a PyTorch/safetensors file): "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
