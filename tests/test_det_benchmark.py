@@ -1,0 +1,18 @@
+"""tools/benchmark_backbones.py on a tiny setting: it measures both implementations and prints the table."""
+import sys
+
+from convert_helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import benchmark_backbones  # noqa: E402
+
+
+def test_benchmark_prints_ours_and_detectron2s_rows(capsys):
+    rows = benchmark_backbones.main(["--tasks", "det", "--arch", "tiny", "--size", "64", "--batch", "1",
+                                     "--warmup", "0", "--iters", "1", "--device", "cpu", "--threads", "1"])
+    assert [(r["task"], r["mode"]) for r in rows] == [("det", "forward"), ("det", "forward+backward")]
+    assert all(r[impl]["ms"] > 0 for r in rows for impl in ("ours", "stock"))
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if line.startswith("det: ours vs detectron2 ViT")]
+    assert [line.split()[6] for line in table] == ["forward", "forward+backward"]
+    assert all(len(line.split()) == 13 for line in table)  # name (5 words), size, mode, 3 times, 3 memories
