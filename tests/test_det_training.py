@@ -9,6 +9,7 @@ import torch
 from detectron2.config import LazyConfig
 from detectron2.data.detection_utils import annotations_to_instances
 from detectron2.engine import default_argument_parser
+from detectron2.structures import Boxes, Instances
 
 from convert_helpers import load_tool
 from mae_transfer.data.synthetic import generate_world
@@ -110,11 +111,15 @@ class GroundTruthModel(torch.nn.Module):
         return outputs
 
 
-def test_ground_truth_as_predictions_scores_ap_100(coco_world, tmp_path):
+def _test_set(coco_world, out):
     cfg = LazyConfig.apply_overrides(LazyConfig.load(str(CONFIG)),
-                                     [*dataset_overrides(coco_world), f"train.output_dir={tmp_path}"])
+                                     [*dataset_overrides(coco_world), f"train.output_dir={out}"])
     test = cfg.dataloader.test.dataset
-    dicts = coco_instances(test.name, test.json_file, test.image_root, filter_empty=False)
+    return cfg, coco_instances(test.name, test.json_file, test.image_root, filter_empty=False)
+
+
+def test_ground_truth_as_predictions_scores_ap_100(coco_world, tmp_path):
+    cfg, dicts = _test_set(coco_world, tmp_path)
     assert sum(len(d["annotations"]) for d in dicts) >= len(dicts)
 
     results = evaluate(cfg, GroundTruthModel(dicts))
@@ -126,3 +131,21 @@ def test_ground_truth_as_predictions_scores_ap_100(coco_world, tmp_path):
     rows = {line.split("|")[1].strip(): line for line in ap_table(results).splitlines()[2:]}
     assert set(rows) == {"box", "mask"} and all(row.count("100.00") >= 3 for row in rows.values())
     assert _ap_json(tmp_path / AP_FILE)["segm"]["AP"] == pytest.approx(100.0)
+
+
+class DetectsNothing(torch.nn.Module):
+    def forward(self, inputs):
+        return [{"instances": Instances((x["height"], x["width"]), pred_boxes=Boxes(torch.zeros(0, 4)),
+                                        scores=torch.zeros(0), pred_classes=torch.zeros(0, dtype=torch.long),
+                                        pred_masks=torch.zeros(0, x["height"], x["width"], dtype=torch.bool))}
+                for x in inputs]
+
+
+def test_no_detections_score_ap_0_not_nan(coco_world, tmp_path):
+    """COCOEvaluator gives NaN when nothing is detected; on a test set with objects, COCO's AP is then 0."""
+    cfg, _ = _test_set(coco_world, tmp_path)
+    results = evaluate(cfg, DetectsNothing())
+    written = _ap_json(tmp_path / AP_FILE)
+    for task in ("bbox", "segm"):
+        for metric in ("AP", "AP50", "AP75"):
+            assert results[task][metric] == 0.0 and written[task][metric] == 0.0, (task, metric)

@@ -43,7 +43,9 @@ class RunLengths:
     batch_size: int = 0     # pretraining and classification batch; 0 keeps the presets' (64 and 32)
 
 
-FULL = RunLengths(world="small", pretrain_epochs=20, det_iters=300, seg_iters=600, cls_epochs=40)
+# ~20 minutes on 2 CPU cores in all: pretraining ~4, each Mask R-CNN ~3.5 (1.75 s/iteration), each UperNet ~3,
+# each classification ~2.
+FULL = RunLengths(world="small", pretrain_epochs=20, det_iters=100, seg_iters=500, cls_epochs=30)
 QUICK = RunLengths(world="tiny", pretrain_epochs=1, det_iters=4, seg_iters=4, cls_epochs=1, batch_size=8)
 
 

@@ -45,6 +45,12 @@ def evaluate(cfg, model: nn.Module, **info: Any) -> Dict[str, Dict[str, float]]:
     <train.output_dir>/coco_ap.json (with `info`, e.g. the iteration). Returns the evaluator's results."""
     loader = instantiate(cfg.dataloader.test)  # first: it registers the dataset the evaluator reads
     results = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
+    for task, res in results.items():
+        if task in _TASKS and all(math.isnan(res[m]) for m in METRICS):
+            # COCOEvaluator reports NaN when the model detected nothing at all; COCO's AP of no detections is 0
+            # (no recall at any threshold). Object-size buckets stay NaN: which of them hold objects is unknown here.
+            logger.warning("the model made no %s detections on the test set: AP 0", _TASKS[task])
+            res.update(AP=0.0, AP50=0.0, AP75=0.0)
     if comm.is_main_process() and results:
         logger.info("COCO AP (%s):\n%s", cfg.dataloader.test.dataset.get("name", "test set"), ap_table(results))
         write_ap_json(results, os.path.join(cfg.train.output_dir, AP_FILE), **info)
