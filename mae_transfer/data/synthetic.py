@@ -54,7 +54,7 @@ class WorldSize:
 
 
 PRESETS = {
-    # Enough for a tiny ViT to learn something on 2 CPU cores within the demo's minutes.
+    # Sized for the demo's 20 minutes on 2 CPU cores (tools/demo.py), at whose budget the transfers stay near chance.
     "small": WorldSize(96, pretrain=2000, det_train=320, det_val=80, seg_train=320, seg_val=80,
                        cls_train_per_class=60, cls_val_per_class=15),
     # For tests: every format present, generated in well under a second.
