@@ -12,6 +12,7 @@ from detectron2.engine import default_argument_parser
 from detectron2.structures import Boxes, Instances
 
 from convert_helpers import load_tool
+from pretrain_helpers import one_thread
 from mae_transfer.data.synthetic import generate_world
 from mae_transfer.det import AP_FILE, ap_table, coco_instances, evaluate
 from mae_transfer.det.evaluation import METRICS
@@ -43,12 +44,9 @@ def run_tool(*flags_and_overrides: str):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices: one thread is as fast, and two are far slower when other jobs share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

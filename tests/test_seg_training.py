@@ -17,6 +17,7 @@ from mmseg.registry import DATASETS, METRICS  # noqa: E402
 
 import mae_transfer.seg  # noqa: E402,F401  (registers the dataset and metric)
 from mae_transfer.data.synthetic import CATEGORIES, generate_world  # noqa: E402
+from pretrain_helpers import one_thread  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "seg_configs" / "upernet_mae_vit_tiny_synthetic_64x64.py"
@@ -38,12 +39,9 @@ def _tool(name):
 
 
 @pytest.fixture
-def one_thread():
-    """Tiny matrices run fastest on one thread, and far slower on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,7 @@ def test_config_classes_are_the_synthetic_categories():
     assert tuple(Config.fromfile(str(CONFIG)).classes) == CATEGORIES
 
 
-def test_tiny_training_lowers_the_loss_then_evaluates_and_resumes(world, tmp_path, one_thread):
+def test_tiny_training_lowers_the_loss_then_evaluates_and_resumes(world, tmp_path, single_thread):
     work_dir = tmp_path / "work"
     options = TRAIN
     _tool("train_seg").main([str(CONFIG), "--work-dir", str(work_dir), "--data-root", str(world),
