@@ -1,5 +1,6 @@
 """The built-in synthetic world: determinism, and each dataset's format checked by its own reader."""
 
+import colorsys
 import hashlib
 import json
 
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from mae_transfer.data import synthetic
 from mae_transfer.data.synthetic import CATEGORIES, PRESETS, dominant_scene, generate_world, render_scene
 
 TINY = PRESETS["tiny"]
@@ -162,3 +164,19 @@ def test_classification_object_dominates():
         scene = dominant_scene(np.random.default_rng(seed), TINY.image_size, label)
         areas = [mask.sum() for mask in scene.masks]
         assert scene.categories[0] == label and areas[0] == max(areas)
+
+
+@pytest.mark.parametrize("category", range(K))
+def test_object_hue_is_its_category_s_as_often_as_documented(category):
+    """An object's hue lies in its category's band with probability p + (1 - p) * band (a random hue can land there
+    too); textures only darken, so every pixel of an object has its hue."""
+    rng, draws = np.random.default_rng(category), 3000
+    x = y = np.arange(4.0)
+    in_band = 0
+    for _ in range(draws):
+        hues = {round(colorsys.rgb_to_hsv(*(c / 255))[0], 6) for c in synthetic._object_colours(rng, category, x, y)}
+        assert len(hues) == 1
+        distance = abs((hues.pop() - category / K + 0.5) % 1.0 - 0.5)  # around the colour wheel
+        in_band += distance <= synthetic._HUE_BAND / 2
+    p = synthetic._CATEGORY_HUE_PROB
+    assert in_band / draws == pytest.approx(p + (1 - p) * synthetic._HUE_BAND, abs=0.03)

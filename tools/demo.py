@@ -2,7 +2,7 @@
 """The whole toolkit on the built-in synthetic world (`make demo`): MAE pretraining, then detection, segmentation and
 classification fine-tuned from the MAE encoder and from a random one, with one table of the results.
 
-    python tools/demo.py                   # ~20 min on 2 CPU cores; everything under runs/demo
+    python tools/demo.py                   # ~24 min on 2 CPU cores; everything under runs/demo
     python tools/demo.py --quick           # the same steps on a tiny world, a few iterations each (a smoke run)
 
 Every step is a subprocess running the tool a user would run, with the flags printed before it starts:
@@ -43,9 +43,9 @@ class RunLengths:
     batch_size: int = 0     # pretraining and classification batch; 0 keeps the presets' (64 and 32)
 
 
-# ~20 minutes on 2 CPU cores in all: pretraining ~4, each Mask R-CNN ~3.5 (1.75 s/iteration), each UperNet ~3,
-# each classification ~2.
-FULL = RunLengths(world="small", pretrain_epochs=20, det_iters=100, seg_iters=500, cls_epochs=30)
+# ~24 minutes on 2 CPU cores in all (measured): pretraining ~4.6, each Mask R-CNN ~4.3 (0.6 s/iteration), each
+# UperNet ~3.3 with its test, each classification ~1.8.
+FULL = RunLengths(world="small", pretrain_epochs=20, det_iters=300, seg_iters=500, cls_epochs=20)
 QUICK = RunLengths(world="tiny", pretrain_epochs=1, det_iters=4, seg_iters=4, cls_epochs=1, batch_size=8)
 
 
