@@ -104,4 +104,7 @@ def seed_everything(seed: int) -> None:
 
 def cleanup() -> None:
     if is_distributed():
+        # Every rank arrives before any tears down: a rank destroying its gloo group while rank 0 still writes the
+        # final export was seen to hang in a 2-process CPU run.
+        dist.barrier()
         dist.destroy_process_group()
