@@ -224,11 +224,13 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     precision = Precision(args.amp, device)
 
     try:
-        if args.eval:
-            return evaluate_checkpoint(args, net, val_loader, precision, dist)
-        return train(args, net, train_set, val_loader, precision, dist)
-    finally:
-        cleanup()
+        result = (evaluate_checkpoint(args, net, val_loader, precision, dist) if args.eval
+                  else train(args, net, train_set, val_loader, precision, dist))
+    except BaseException:
+        cleanup(wait_for_all=False)
+        raise
+    cleanup()
+    return result
 
 
 def evaluate_checkpoint(args: argparse.Namespace, net: torch.nn.Module, val_loader: DataLoader,

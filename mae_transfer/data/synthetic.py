@@ -166,21 +166,22 @@ def _speckle(rng, x, y):
 _TEXTURES = (_solid, _stripes, _checks, _waves, _speckle)
 
 
-def _colour(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]) -> np.ndarray:
-    rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*saturation), rng.uniform(*value))
+def _colour(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float],
+            hue: float | None = None) -> np.ndarray:
+    """An RGB colour in [0, 255] of the given hue (random if None) and random saturation and value in ranges."""
+    rgb = colorsys.hsv_to_rgb(rng.random() if hue is None else hue, rng.uniform(*saturation), rng.uniform(*value))
     return 255.0 * np.array(rgb)
 
 
 def _object_colours(rng: np.random.Generator, category: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Colours (..., 3) of a saturated object at pixel coordinates (x, y): a random texture between a colour whose
     hue is often its category's (module docstring) and a darker shade of it."""
+    hue = None  # random
     if rng.random() < _CATEGORY_HUE_PROB:
         hue = (category / len(CATEGORIES) + rng.uniform(-_HUE_BAND / 2, _HUE_BAND / 2)) % 1.0
-    else:
-        hue = rng.random()
-    first = 255.0 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0)))
+    colour = _colour(rng, (0.55, 1.0), (0.5, 1.0), hue)
     t = _TEXTURES[rng.integers(len(_TEXTURES))](rng, x, y)
-    return first * (1 - t[..., None] * rng.uniform(0.0, 0.4))
+    return colour * (1 - t[..., None] * rng.uniform(0.0, 0.4))
 
 
 def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:

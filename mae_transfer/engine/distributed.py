@@ -102,9 +102,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def cleanup() -> None:
+def cleanup(wait_for_all: bool = True) -> None:
+    """Leave the process group. At a normal end every rank first waits for all the others (a rank tearing down its
+    gloo group while rank 0 still wrote the final export was seen to hang in a 2-process CPU run); a rank leaving
+    over an error passes wait_for_all=False, since the others may never arrive."""
     if is_distributed():
-        # Every rank arrives before any tears down: a rank destroying its gloo group while rank 0 still writes the
-        # final export was seen to hang in a 2-process CPU run.
-        dist.barrier()
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
