@@ -15,4 +15,5 @@ def test_benchmark_prints_ours_and_detectron2s_rows(capsys):
     lines = capsys.readouterr().out.splitlines()
     table = [line for line in lines if line.startswith("det: ours vs detectron2 ViT")]
     assert [line.split()[6] for line in table] == ["forward", "forward+backward"]
-    assert all(len(line.split()) == 13 for line in table)  # name (5 words), size, mode, 3 times, 3 memories
+    # name (5 words), size, mode, 2 times and 2 ratios of them, 2 memories and their ratio
+    assert all(len(line.split()) == 14 for line in table)

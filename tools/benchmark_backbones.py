@@ -15,11 +15,14 @@ Rows: forward (eval mode, no grad) and forward + backward (train mode; the sum o
 under autocast in --amp on CUDA. Time is the median over --iters steps after --warmup. Memory is, as in
 tools/benchmark_pretrain.py (whose helpers this reuses), the peak allocated on the GPU, or on CPU the growth of the
 peak resident set over its size once the model and input exist; every measurement runs in a fresh process, so no
-row counts another's allocations. Ratios are stock / ours: above 1, ours is faster / smaller.
+row counts another's allocations. Ratios are stock / ours: above 1, ours is faster / smaller. "(eq. speed)" is the
+time ratio at equal matmul speed: each step's time times the matmul rate measured right after it, which cancels a
+shared machine's drift between the two processes (tools/benchmark_pretrain.py's MatmulProbe).
 """
 import argparse
 import multiprocessing
 import resource
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_pretrain import resident_bytes, time_step  # noqa: E402  (the pretraining benchmark's probes)
+from benchmark_pretrain import MatmulProbe, resident_bytes, time_step  # noqa: E402  (the pretraining benchmark's probes)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"det": ("detectron2 ViT", 1024), "seg": ("mmseg MAE", 512)}  # stock implementation, default size
@@ -95,15 +98,18 @@ def measure(task: str, stock: bool, mode: str, args: argparse.Namespace) -> Dict
             model.zero_grad(set_to_none=True)
         return loss.detach()
 
+    probe = MatmulProbe(device, amp or torch.float32)  # before the memory baseline: its matrices are not the model's
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline = resident_bytes()
-    seconds = time_step(step, images, args.warmup, args.iters)
+    times, rates = time_step(step, images, args.warmup, args.iters, probe)
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
     else:  # ru_maxrss is in KiB
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    return {"ms": seconds * 1e3, "mib": memory / 2 ** 20}
+    # cost: each step in matmul-peak FLOPs (seconds x the machine's matmul rate right after it)
+    return {"ms": statistics.median(times) * 1e3, "mib": memory / 2 ** 20,
+            "cost": statistics.median(t * r for t, r in zip(times, rates))}
 
 
 def benchmark(args: argparse.Namespace) -> List[dict]:
@@ -122,13 +128,13 @@ def benchmark(args: argparse.Namespace) -> List[dict]:
 
 def format_table(rows: List[dict]) -> str:
     header = (f"{'backbone':28s} {'size':>5s} {'mode':18s} {'ours ms':>9s} {'stock ms':>9s} {'stock/ours':>10s} "
-              f"{'ours MiB':>9s} {'stock MiB':>9s} {'stock/ours':>10s}")
+              f"{'(eq. speed)':>11s} {'ours MiB':>9s} {'stock MiB':>9s} {'stock/ours':>10s}")
     lines = [header, "-" * len(header)]
     for r in rows:
         ours, stock = r["ours"], r["stock"]
         name = f"{r['task']}: ours vs {TASKS[r['task']][0]}"
         lines.append(f"{name:28s} {r['size']:5d} {r['mode']:18s} {ours['ms']:9.1f} {stock['ms']:9.1f} "
-                     f"{stock['ms'] / ours['ms']:10.2f} {ours['mib']:9.0f} {stock['mib']:9.0f} "
+                     f"{stock['ms'] / ours['ms']:10.2f} {stock['cost'] / ours['cost']:11.2f} {ours['mib']:9.0f} {stock['mib']:9.0f} "
                      f"{stock['mib'] / max(ours['mib'], 1e-9):10.2f}")
     return "\n".join(lines)
 

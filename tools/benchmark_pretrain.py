@@ -11,9 +11,11 @@ CPU) on the same random batch, after warm-up steps, and reports the median:
   times is this machine's Table 2 speed-up;
 - transformers ViTMAEForPreTraining with the same configuration (SDPA attention, eager; optional dependency).
 Model FLOPs are counted by torch.utils.flop_counter on one step of each model (attention through the math kernel,
-which the counter sees); MFU is model FLOP/s over a matmul peak measured in this run in the same precision. Each
-row runs in a fresh process; its memory is the peak allocated on the GPU, or on CPU the growth of its peak resident
-set over its size before training.
+which the counter sees). After every timed step one large matmul is timed too: MFU is the model's FLOPs over the step
+time x that matmul rate (the machine's practical peak at that moment), the median over steps, so a shared or throttled
+machine whose speed drifts between rows still gives comparable rows; ratios are printed both raw and at equal
+matmul speed. Each row runs in a fresh process; its memory is the peak allocated on the GPU, or on CPU the growth of
+its peak resident set over its size before training.
 """
 import argparse
 import multiprocessing
@@ -21,7 +23,7 @@ import os
 import resource
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -97,22 +99,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """FLOP/s of a large square matmul in `dtype`, the best of `seconds` of repeats: the machine's practical peak.
-    The best, not the median: on a shared or throttled CPU the median falls below what the models' own steps reach."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(2):
-        a @ b
-    sync(device)
-    rates = []
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(rates) < 3:
+class MatmulProbe:
+    """How fast this machine multiplies large matrices right now, in FLOP/s: one square matmul, timed.
+
+    Timed after every benchmark step it is that step's yardstick. A shared VM's speed drifts by tens of percent over
+    minutes; step time x probe rate (the step's cost in matmul-peak FLOPs) does not, so rows measured minutes apart
+    stay comparable."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        # Large enough to be compute-bound; on the 2-core CPU VM 3072 was the fastest square size from 1024 to 4096.
+        n = 8192 if device.type == "cuda" else 3072
+        self.device, self.flops = device, 2 * n ** 3
+        self.a, self.b, self.out = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
+        self()  # warm-up: first-call allocations and kernel selection
+
+    def __call__(self) -> float:
+        sync(self.device)
         t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        rates.append(2 * n ** 3 / (time.perf_counter() - t0))
-    return max(rates)
+        torch.mm(self.a, self.b, out=self.out)
+        sync(self.device)
+        return self.flops / (time.perf_counter() - t0)
 
 
 def count_flops(loss_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
@@ -128,21 +134,25 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def time_step(step: Step, images: torch.Tensor, warmup: int, steps: int) -> float:
-    """Median seconds per step after `warmup` untimed steps."""
+def time_step(step: Step, images: torch.Tensor, warmup: int, steps: int,
+              probe: Optional[MatmulProbe] = None) -> Tuple[List[float], List[float]]:
+    """Seconds of each of `steps` steps after `warmup` untimed ones, and the `probe`'s matmul rate after each."""
     device = images.device
     for _ in range(warmup):
         step(images)
     sync(device)
     times: List[float] = []
+    rates: List[float] = []
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = step(images)
         sync(device)
         times.append(time.perf_counter() - t0)
+        if probe is not None:
+            rates.append(probe())
     if not torch.isfinite(loss):
         raise FloatingPointError("the benchmark step produced a non-finite loss")
-    return statistics.median(times)
+    return times, rates
 
 
 ROWS = {
@@ -168,15 +178,19 @@ def measure(row: str, args: argparse.Namespace, device: torch.device) -> Dict[st
         model, loss_of, compile_model = transformers_mae(mae), (lambda m, x: m(pixel_values=x).loss), False
     flops = count_flops(lambda x: loss_of(model, x), images[:1].cpu()) * args.batch_size
     model.zero_grad(set_to_none=True)
+    probe = MatmulProbe(device, amp or torch.float32)  # before the memory baseline: its matrices are not the model's
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline = resident_bytes()
-    step_s = time_step(make_step(model, loss_of, device, amp, compile_model), images, args.warmup, args.steps)
+    times, rates = time_step(make_step(model, loss_of, device, amp, compile_model), images, args.warmup, args.steps,
+                             probe)
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
     else:  # the process's peak resident set (ru_maxrss, KiB) over its size before training started
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    return dict(flops=flops, step_s=step_s, memory=memory)
+    # cost: each step in matmul-peak FLOPs (seconds x the machine's matmul rate right after it)
+    return dict(flops=flops, step_s=statistics.median(times), peak=statistics.median(rates),
+                cost=statistics.median(t * r for t, r in zip(times, rates)), memory=memory)
 
 
 def main(argv=None) -> None:
@@ -198,7 +212,6 @@ def main(argv=None) -> None:
     amp = torch.bfloat16 if device.type == "cuda" else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = matmul_peak(device, amp or torch.float32)
     results = []
     # Each row in a fresh process: peak memory is its own, and no row inherits another's allocator state.
     context = multiprocessing.get_context("spawn")
@@ -214,23 +227,21 @@ def main(argv=None) -> None:
     print(f"\nMAE pretraining step: {args.model}, batch {args.batch_size}, {args.input_size}px, mask ratio 0.75, "
           f"{device.type} ({where}), {'bf16 autocast' if amp else 'fp32'}, fused AdamW"
           f"{', torch.compile (ours)' if args.compile else ''}, torch {torch.__version__}")
-    print(f"measured {amp or torch.float32} matmul peak: {peak / 1e12:.3f} TFLOP/s\n")
+    print(f"MFU: model FLOP/s over the {amp or torch.float32} matmul peak measured after each step (median)\n")
     header = (f"{'':44s} {'images/s':>10s} {'step ms':>10s} {'peak mem GiB':>13s} {'GFLOP/img':>10s} "
-              f"{'TFLOP/s':>9s} {'MFU':>6s}")
+              f"{'TFLOP/s':>9s} {'matmul peak':>12s} {'MFU':>6s}")
     print(header)
     print("-" * len(header))
     for r in results:
-        rate = r["flops"] / r["step_s"]
         print(f"{names[r['row']]:44s} {args.batch_size / r['step_s']:10.2f} {1e3 * r['step_s']:10.1f} "
-              f"{r['memory'] / 2**30:13.2f} {r['flops'] / args.batch_size / 1e9:10.1f} {rate / 1e12:9.3f} "
-              f"{100 * rate / peak:5.1f}%")
+              f"{r['memory'] / 2**30:13.2f} {r['flops'] / args.batch_size / 1e9:10.1f} "
+              f"{r['flops'] / r['step_s'] / 1e12:9.3f} {r['peak'] / 1e12:12.3f} {100 * r['flops'] / r['cost']:5.1f}%")
     print()
     base = results[0]
     for r in results[1:]:
         what = {"mask_tokens": f"Table 2 speed-up (step time of encoder w/ mask tokens / {base['row']})",
                 "transformers": f"{base['row']} / transformers (images/s)"}.get(r["row"], names[r["row"]])
-        print(f"{what}: {r['step_s'] / base['step_s']:.2f}x")
-
+        print(f"{what}: {r['step_s'] / base['step_s']:.2f}x; at equal matmul speed {r['cost'] / base['cost']:.2f}x")
 
 if __name__ == "__main__":
     main()
