@@ -9,7 +9,9 @@ _base_ = 'mmseg::mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py'
 custom_imports = dict(imports=['mae_transfer.seg'], allow_failed_imports=False)
 
 model = dict(
-    pretrained=None,
+    # The MAE reference's released encoder as is (any format mae_transfer.checkpoints reads). As in mmseg's own MAE
+    # config, the segmentor's `pretrained` names it: --cfg-options model.pretrained=PATH swaps in another.
+    pretrained='pretrain/mae_pretrain_vit_base.pth',
     backbone=dict(
         _delete_=True,
         type='ViTBackbone',
@@ -18,9 +20,7 @@ model = dict(
         patch_size=16,
         out_indices=(3, 5, 7, 11),
         drop_path_rate=0.1,
-        init_values=1.0,  # layer scale, as in the reference ADE20K config
-        # The MAE reference's released encoder as is (any format mae_transfer.checkpoints reads)
-        init_cfg=dict(type='Pretrained', checkpoint='pretrain/mae_pretrain_vit_base.pth')))
+        init_values=1.0))  # layer scale, as in the reference ADE20K config
 # Inherited from mmseg: Feature2Pyramid neck (rescales 4, 2, 1, 0.5), UPerHead (768 channels, 150 classes),
 # auxiliary FCNHead on level 2 with loss weight 0.4, slide inference with 512 crops at stride 341.
 

@@ -7,11 +7,8 @@
 _base_ = './upernet_mae_vit_base_ade20k_512x512_160k.py'
 
 model = dict(
-    backbone=dict(
-        arch='large',
-        out_indices=(7, 11, 15, 23),
-        drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint='pretrain/mae_pretrain_vit_large.pth')),
+    pretrained='pretrain/mae_pretrain_vit_large.pth',
+    backbone=dict(arch='large', out_indices=(7, 11, 15, 23), drop_path_rate=0.2),
     neck=dict(embed_dim=1024),
     decode_head=dict(in_channels=[1024, 1024, 1024, 1024], channels=1024),
     auxiliary_head=dict(in_channels=1024))

@@ -4,7 +4,7 @@
 #
 #   python -m mae_transfer.data.synthetic --out data/world --size small
 #   python tools/train_seg.py seg_configs/upernet_mae_vit_tiny_synthetic_64x64.py \
-#       [--cfg-options model.pretrained=runs/pretrain/encoder.safetensors]
+#       [--cfg-options model.pretrained=runs/demo/pretrain/encoder.safetensors]
 #
 # The same recipe as the ViT-B config (inherited: layer decay, heads, optimizer groups, logging), shrunk, on any
 # dataset in ADE20K's layout (ADE20KLayoutDataset). Inference is on whole images at their own size, which ViTBackbone
@@ -18,8 +18,9 @@ classes = ('disc', 'ring', 'square', 'triangle', 'star', 'cross')
 num_classes = len(classes)
 
 model = dict(
+    pretrained=None,  # from scratch unless given; the ViT-B config names the released ViT-B encoder
     data_preprocessor=dict(size=crop_size),
-    backbone=dict(arch='tiny', img_size=crop_size, drop_path_rate=0.0, init_cfg=None),
+    backbone=dict(arch='tiny', img_size=crop_size, drop_path_rate=0.0),
     neck=dict(embed_dim=192),
     decode_head=dict(in_channels=[192, 192, 192, 192], channels=64, num_classes=num_classes),
     auxiliary_head=dict(in_channels=192, channels=32, num_classes=num_classes),

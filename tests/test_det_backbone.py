@@ -74,3 +74,21 @@ def test_vitdet_arch_puts_global_attention_in_vitdets_blocks():
     assert base["window_block_indexes"] == [0, 1, 3, 4, 6, 7, 9, 10]  # detectron2's mask_rcnn_vitdet.py
     with pytest.raises(ValueError, match="unknown ViT size 'giant'"):
         vitdet_arch("giant")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_follows_detectron2_in_fp32(dtype):
+    """On CUDA under autocast the relative-position bias reaches SDPA in the queries' dtype (a float32 mask with
+    bf16 queries would raise) and the features follow detectron2's own ViT run in fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ours = _randomised(ViT(**VIT)).cuda().eval()
+    theirs = Detectron2ViT(**VIT).cuda().eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 96, 160, device="cuda")
+    with torch.no_grad():
+        reference = theirs(x)["last_feat"]
+        with torch.autocast("cuda", dtype=dtype):
+            low = ours(x)["last_feat"]
+    error = (low.float() - reference).norm() / reference.norm()
+    assert 0 < error < 2e-2  # low precision did run, and stays close

@@ -85,3 +85,15 @@ def test_loading_a_weights_file_as_training_state_is_a_clear_error(tmp_path):
     model, opt = _model_and_optimizer(0)
     with pytest.raises(CheckpointError, match="not a training state"):
         load_state(path, model=model, optimizer=opt, precision=Precision("none", torch.device("cpu")))
+
+
+def test_resuming_into_another_model_names_the_saved_flags(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    precision = Precision("none", torch.device("cpu"))
+    path = tmp_path / "checkpoint-0.pth"
+    save_state(path, model=model, optimizer=opt, precision=precision, epoch=0, iteration=1,
+               args={"model": "mae_vit_tiny_patch16", "input_size": 64, "nb_classes": None}, write=True)
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+    with pytest.raises(CheckpointError, match=r"checkpoint-0\.pth: its model does not fit this run's \(it was saved "
+                                              r"by a run with --model mae_vit_tiny_patch16 --input_size 64\)"):
+        load_state(path, model=wider, optimizer=adamw(param_groups(wider, 0.05), lr=1e-2), precision=precision)

@@ -154,3 +154,9 @@ def test_cuda_autocast_follows_fp32_and_trains(dtype):
     scaler.step(optimizer)
     scaler.update()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_checkpoint_given_both_as_pretrained_and_in_init_cfg_is_refused_naming_the_override():
+    with pytest.raises(ValueError, match=r"given twice: pretrained='mine.pth'.*'theirs.pth'.*"
+                                         r"model\.pretrained=PATH"):
+        ViTBackbone(**SMALL, pretrained="mine.pth", init_cfg=dict(type="Pretrained", checkpoint="theirs.pth"))

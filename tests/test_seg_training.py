@@ -125,3 +125,17 @@ def test_label_map_of_the_wrong_size_is_a_clear_error(world, tmp_path):
     dataset[0]
     with pytest.raises(ValueError, match=r"000002\.png is 32x48 \(WxH\) but its image .*000002\.jpg is 64x64"):
         dataset[2]
+
+
+def test_vit_b_and_l_configs_name_the_released_encoder_as_mmseg_does():
+    """model.pretrained, as in mmseg's MAE configs: mmseg's EncoderDecoder hands it to our backbone's init_cfg, and
+    --cfg-options model.pretrained=PATH replaces it."""
+    from mmseg.registry import MODELS
+    init_default_scope("mmseg")
+    large = Config.fromfile(str(REPO / "seg_configs" / "upernet_mae_vit_large_ade20k_512x512_160k.py"))
+    assert large.model.pretrained == "pretrain/mae_pretrain_vit_large.pth"
+    for options, expected in [({}, "pretrain/mae_pretrain_vit_base.pth"),
+                              ({"model.pretrained": "runs/mine/encoder.safetensors"}, "runs/mine/encoder.safetensors")]:
+        base = Config.fromfile(str(REPO / "seg_configs" / "upernet_mae_vit_base_ade20k_512x512_160k.py"))
+        base.merge_from_dict(options)
+        assert MODELS.build(base.model).backbone.init_cfg == {"type": "Pretrained", "checkpoint": expected}

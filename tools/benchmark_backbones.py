@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_pretrain import MatmulProbe, resident_bytes, time_step  # noqa: E402  (the pretraining benchmark's probes)
+from benchmark_pretrain import MatmulProbe, resident_bytes, time_step  # noqa: E402  (its probes)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"det": ("detectron2 ViT", 1024), "seg": ("mmseg MAE", 512)}  # stock implementation, default size
@@ -134,8 +134,8 @@ def format_table(rows: List[dict]) -> str:
         ours, stock = r["ours"], r["stock"]
         name = f"{r['task']}: ours vs {TASKS[r['task']][0]}"
         lines.append(f"{name:28s} {r['size']:5d} {r['mode']:18s} {ours['ms']:9.1f} {stock['ms']:9.1f} "
-                     f"{stock['ms'] / ours['ms']:10.2f} {stock['cost'] / ours['cost']:11.2f} {ours['mib']:9.0f} {stock['mib']:9.0f} "
-                     f"{stock['mib'] / max(ours['mib'], 1e-9):10.2f}")
+                     f"{stock['ms'] / ours['ms']:10.2f} {stock['cost'] / ours['cost']:11.2f} "
+                     f"{ours['mib']:9.0f} {stock['mib']:9.0f} {stock['mib'] / max(ours['mib'], 1e-9):10.2f}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ detectron2's conventions (those of its tools/lazyconfig_train_net.py): --config-
 --machine-rank, --dist-url, --resume, --eval-only, then key=value overrides of the config.
 
     python tools/train_det.py --config-file det_configs/mask_rcnn_vit_base_100ep.py --num-gpus 8 \
-        train.init_checkpoint=runs/pretrain/encoder.safetensors train.output_dir=runs/det_vit_base
+        train.init_checkpoint=runs/base-800/encoder.safetensors train.output_dir=runs/det_vit_base
     python tools/train_det.py --config-file det_configs/mask_rcnn_vit_base_100ep.py --num-gpus 8 --resume \
         train.output_dir=runs/det_vit_base                     # continue from runs/det_vit_base/last_checkpoint
     python tools/train_det.py --config-file det_configs/mask_rcnn_vit_base_100ep.py --eval-only \

@@ -5,9 +5,9 @@
     torchrun --nproc_per_node 8 tools/train_seg.py CONFIG --launcher pytorch --amp
     python tools/train_seg.py CONFIG --resume              # continue from the latest checkpoint in the work dir
 
-The encoder checkpoint is the config's model.backbone.init_cfg.checkpoint (or --cfg-options
-model.backbone.init_cfg.checkpoint=PATH); any format mae_transfer.checkpoints reads. Logs (loss, lr, time, ETA) go to
-the console, WORK_DIR/<timestamp>/vis_data/scalars.json (JSON lines) and TensorBoard.
+The encoder checkpoint is the config's model.pretrained (or --cfg-options model.pretrained=PATH), as in mmseg's MAE
+configs; any format mae_transfer.checkpoints reads. Logs (loss, lr, time, ETA) go to the console,
+WORK_DIR/<timestamp>/vis_data/scalars.json (JSON lines) and TensorBoard.
 """
 import argparse
 import logging

@@ -76,7 +76,14 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     missing = [k for k in ("model", "optimizer", "epoch", "iteration", "rng") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a training state saved by mae-transfer (missing {', '.join(missing)})")
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # torch lists every mismatched key; say first what went wrong
+        saved = state.get("args", {})
+        flags = " ".join(f"--{k} {saved[k]}" for k in ("model", "input_size", "nb_classes") if saved.get(k))
+        raise CheckpointError(f"{path}: its model does not fit this run's (it was saved by a run with "
+                              f"{flags or 'other flags'}); resume with the flags the run was started with.\n"
+                              f"{err}") from None
     optimizer.load_state_dict(state["optimizer"])
     precision.load_state_dict(state.get("scaler", {}))
     if len(state["rng"]) == get_world_size():

@@ -6,8 +6,8 @@ absolute position embedding (timm's dynamic_img_size) and the relative position 
 so training crops and whole-image inference of any size run on one model; inputs that are not a multiple of the
 patch size are padded on the right and bottom (timm's dynamic_img_pad).
 
-    backbone=dict(type='ViTBackbone', arch='base', img_size=512, drop_path_rate=0.1,
-                  init_cfg=dict(type='Pretrained', checkpoint='mae_pretrain_vit_base.pth'))
+    model = dict(pretrained='mae_pretrain_vit_base.pth',  # mmseg passes it on to the backbone
+                 backbone=dict(type='ViTBackbone', arch='base', img_size=512, drop_path_rate=0.1))
 """
 from functools import partial
 from typing import Optional, Sequence, Tuple, Union
@@ -61,7 +61,9 @@ class ViTBackbone(BaseModule):
                  init_cfg: Optional[dict] = None, **vit_kwargs):
         if pretrained is not None:  # mmseg's EncoderDecoder(pretrained=...) convention
             if init_cfg is not None:
-                raise ValueError("give the checkpoint either as pretrained or as init_cfg, not both")
+                raise ValueError(f"the checkpoint is given twice: pretrained={pretrained!r} (model.pretrained) and "
+                                 f"init_cfg={init_cfg!r}; give one (the seg_configs, like mmseg's MAE configs, use "
+                                 "model.pretrained=PATH)")
             init_cfg = dict(type="Pretrained", checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
         if arch not in ARCHS:
