@@ -6,7 +6,7 @@ to train and evaluate on a laptop CPU in minutes. Tests and the demo use it; the
         train.init_checkpoint=<a ViT-Tiny MAE checkpoint, e.g. from pretrain/main_pretrain.py --preset tiny>
 
 Not a benchmark: it shows the whole path learning, a little. In the demo's 300 iterations (batch 4, ~3 min) it
-reaches box AP ~2 / AP50 ~6 (tools/demo.py; README). Measured from the MAE encoder at that budget: with 64
+reaches box AP ~1-2 / AP50 4-7 (tools/demo.py; README). Measured from the MAE encoder at that budget: with 64
 sampled RoIs per image (objects a few percent of them) the classifier scores every RoI as background (AP 0.0 at lr
 4e-4, batch 8, 100 iterations); 16 RoIs and 64 RPN anchors per image at batch 4 give AP 0.1 at lr 4e-4 after 200
 iterations, and 1.8 at lr 1e-3 after 300.

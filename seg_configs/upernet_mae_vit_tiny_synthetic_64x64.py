@@ -1,6 +1,6 @@
 # A tiny UperNet + MAE ViT-Tiny/16 on the built-in synthetic world, 64x64 crops: trains and evaluates on a laptop
 # CPU in a few minutes (the tests and the demo use it). Not a benchmark: it shows the whole path learning; in the
-# demo's 500 iterations (~3 min) it reaches mIoU ~47-51 on the 6 shapes (README).
+# demo's 500 iterations (~3 min) it reaches mIoU ~47-53 on the 6 shapes (README).
 #
 #   python -m mae_transfer.data.synthetic --out data/world --size small
 #   python tools/train_seg.py seg_configs/upernet_mae_vit_tiny_synthetic_64x64.py \

@@ -2,13 +2,16 @@
 """The whole toolkit on the built-in synthetic world (`make demo`): MAE pretraining, then detection, segmentation and
 classification fine-tuned from the MAE encoder and from a random one, with one table of the results.
 
-    python tools/demo.py                   # ~24 min on 2 CPU cores; everything under runs/demo
+    python tools/demo.py                   # ~19 min on 2 CPU cores; everything under runs/demo
     python tools/demo.py --quick           # the same steps on a tiny world, a few iterations each (a smoke run)
 
 Every step is a subprocess running the tool a user would run, with the flags printed before it starts:
 mae_transfer.data.synthetic, pretrain/main_pretrain.py, tools/visualize_mae.py, tools/train_det.py,
-tools/train_seg.py + tools/test_seg.py and tools/train_cls.py. Only the run lengths are the demo's own (below);
-the recipes are the tiny presets and configs. The results are read back from the files those tools write:
+tools/train_seg.py + tools/test_seg.py and tools/train_cls.py. The MAE-initialised and the from-scratch run of each
+task go side by side, each on half the cores (their lines prefixed [mae] / [scratch]): tiny models use one thread
+far better than two, so on 2 cores the pair takes ~1.4x less time than one after the other. Only the run lengths
+are the demo's own (below); the recipes are the tiny presets and configs. The results are read back from the
+files those tools write:
 
     runs/demo/results.md, results.json    box AP, mask AP, mIoU, top-1: MAE-initialised vs from scratch
     runs/demo/loss_curves.png             pretraining loss and the three fine-tunings' training losses
@@ -17,11 +20,14 @@ the recipes are the tiny presets and configs. The results are read back from the
 import argparse
 import json
 import math
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -43,44 +49,60 @@ class RunLengths:
     batch_size: int = 0     # pretraining and classification batch; 0 keeps the presets' (64 and 32)
 
 
-# ~24 minutes on 2 CPU cores in all (measured): pretraining ~4.6, each Mask R-CNN ~4.3 (0.6 s/iteration), each
-# UperNet ~3.3 with its test, each classification ~1.8.
+# ~13 minutes on 2 CPU cores in all (measured): pretraining ~3.0, both Mask R-CNNs side by side ~4.3 (0.7-0.8 s per
+# iteration each), both UperNets ~3.0 with their tests, both classifications ~1.8.
 FULL = RunLengths(world="small", pretrain_epochs=20, det_iters=300, seg_iters=500, cls_epochs=20)
 QUICK = RunLengths(world="tiny", pretrain_epochs=1, det_iters=4, seg_iters=4, cls_epochs=1, batch_size=8)
 
 
-def run(cmd: Sequence[str], log: Path) -> None:
-    """Run one tool from the repository root, its output both shown and kept in `log`; stop the demo if it fails."""
-    cmd = [sys.executable, *map(str, cmd)]
-    print(f"\n$ {shlex.join(cmd[1:])}", flush=True)
-    start = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            f.write(line)
-    if proc.wait():
-        raise SystemExit(f"demo: step failed (exit {proc.returncode}); its output is in {log}")
-    print(f"[{time.time() - start:.0f}s]", flush=True)
+@dataclass(frozen=True)
+class Runner:
+    """Runs tools from the repository root, each one's output both shown (after `tag`) and kept in its log; stops
+    the demo if one fails. `threads` caps the tools' CPU threads (None: PyTorch's default, all cores)."""
+    tag: str = ""
+    threads: Optional[int] = None
+    _print_lock = threading.Lock()  # two runners share the console: whole lines, never mixed
+
+    def say(self, text: str) -> None:
+        with self._print_lock:
+            for line in text.splitlines() or [""]:
+                sys.stdout.write(f"[{self.tag}] {line}\n" if self.tag else f"{line}\n")
+            sys.stdout.flush()
+
+    def run(self, cmd: Sequence[str], log: Path) -> None:
+        cmd = [sys.executable, *map(str, cmd)]
+        self.say(f"\n$ {shlex.join(cmd[1:])}")
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}))
+        start = time.time()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+            for line in proc.stdout:
+                self.say(line.rstrip("\n"))
+                f.write(line)
+        if proc.wait():
+            raise SystemExit(f"demo: step failed (exit {proc.returncode}); its output is in {log}")
+        self.say(f"[{time.time() - start:.0f}s]")
 
 
-def pretrain(out: Path, world: Path, lengths: RunLengths) -> Path:
+def pretrain(runner: Runner, out: Path, world: Path, lengths: RunLengths) -> Path:
     """The tiny MAE preset on the unlabeled images; returns the exported encoder."""
-    run(["pretrain/main_pretrain.py", "--preset", "tiny", "--data_path", world / "pretrain",
+    runner.run(["pretrain/main_pretrain.py", "--preset", "tiny", "--data_path", world / "pretrain",
          "--output_dir", out / "pretrain", "--epochs", lengths.pretrain_epochs,
          "--warmup_epochs", min(2, lengths.pretrain_epochs - 1), "--save_every", lengths.pretrain_epochs,
          *batch_size(lengths)],
         out / "pretrain.log")
-    run(["tools/visualize_mae.py", "--checkpoint", out / "pretrain" / "mae_full.safetensors",
+    runner.run(["tools/visualize_mae.py", "--checkpoint", out / "pretrain" / "mae_full.safetensors",
          "--images", world / "cls" / "val", "--num_images", 6, "--out", out / "reconstructions.png"],
         out / "visualize.log")
     return out / "pretrain" / "encoder.safetensors"
 
 
-def detection(out: Path, world: Path, encoder: Optional[Path], iters: int) -> dict:
+def detection(runner: Runner, out: Path, world: Path, encoder: Optional[Path], lengths: RunLengths) -> dict:
     """Mask R-CNN (tiny ViTDet config) on the world's COCO-format data; returns coco_ap.json."""
-    coco, work, step = world / "coco", out / "det", max(1, iters // 20)
-    run(["tools/train_det.py", "--config-file", DET_CONFIG,
+    coco, work, iters = world / "coco", out / "det", lengths.det_iters
+    step = max(1, iters // 20)
+    runner.run(["tools/train_det.py", "--config-file", DET_CONFIG,
          f"train.init_checkpoint={encoder or ''}", f"train.output_dir={work}",
          f"dataloader.train.dataset.json_file={coco}/annotations/instances_train.json",
          f"dataloader.train.dataset.image_root={coco}/train",
@@ -95,18 +117,18 @@ def detection(out: Path, world: Path, encoder: Optional[Path], iters: int) -> di
     return json.loads((work / "coco_ap.json").read_text())
 
 
-def segmentation(out: Path, world: Path, encoder: Optional[Path], iters: int) -> dict:
+def segmentation(runner: Runner, out: Path, world: Path, encoder: Optional[Path], lengths: RunLengths) -> dict:
     """UperNet (tiny config) on the world's ADE20K-layout data, then tools/test_seg.py; returns its metrics.json."""
-    work = out / "seg"
+    work, iters = out / "seg", lengths.seg_iters
     warmup = max(1, iters // 20)
     options = [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}",
                f"default_hooks.checkpoint.interval={iters}", f"default_hooks.logger.interval={max(1, iters // 40)}",
                f"param_scheduler.0.end={warmup}", f"param_scheduler.1.begin={warmup}", f"param_scheduler.1.end={iters}"]
     if encoder:
         options.append(f"model.pretrained={encoder}")
-    run(["tools/train_seg.py", SEG_CONFIG, "--work-dir", work, "--data-root", world / "ade", "--cfg-options",
+    runner.run(["tools/train_seg.py", SEG_CONFIG, "--work-dir", work, "--data-root", world / "ade", "--cfg-options",
          *options], out / "seg.log")
-    run(["tools/test_seg.py", SEG_CONFIG, work / f"iter_{iters}.pth", "--work-dir", work, "--data-root",
+    runner.run(["tools/test_seg.py", SEG_CONFIG, work / f"iter_{iters}.pth", "--work-dir", work, "--data-root",
          world / "ade", "--json", work / "metrics.json"], out / "seg_test.log")
     return json.loads((work / "metrics.json").read_text())
 
@@ -115,10 +137,10 @@ def batch_size(lengths: RunLengths) -> List:
     return ["--batch_size", lengths.batch_size] if lengths.batch_size else []
 
 
-def classification(out: Path, world: Path, encoder: Optional[Path], lengths: RunLengths) -> dict:
+def classification(runner: Runner, out: Path, world: Path, encoder: Optional[Path], lengths: RunLengths) -> dict:
     """Fine-tuning with the tiny classification preset on the world's class folders; returns metrics.json."""
     work = out / "cls"
-    run(["tools/train_cls.py", "--preset", "tiny", "--data_path", world / "cls", "--output_dir", work,
+    runner.run(["tools/train_cls.py", "--preset", "tiny", "--data_path", world / "cls", "--output_dir", work,
          "--epochs", lengths.cls_epochs, "--warmup_epochs", min(5, lengths.cls_epochs - 1),
          "--save_every", lengths.cls_epochs, *batch_size(lengths),
          *(["--finetune", encoder] if encoder else [])], out / "cls.log")
@@ -215,19 +237,21 @@ def main(argv=None) -> dict:
         raise SystemExit(f"demo: {world} exists but is not a synthetic world; remove it or choose another --out")
     if not world.exists():
         out.mkdir(parents=True, exist_ok=True)
-        run(["-m", "mae_transfer.data.synthetic", "--out", world, "--size", lengths.world], out / "world.log")
+        Runner().run(["-m", "mae_transfer.data.synthetic", "--out", world, "--size", lengths.world], out / "world.log")
     for stale in ("pretrain", *INITS):  # a rerun starts over rather than resuming half of it
         shutil.rmtree(out / stale, ignore_errors=True)
 
-    encoder = pretrain(out, world, lengths)
-    raw = {}
+    encoder = pretrain(Runner(), out, world, lengths)
+    raw: Dict[str, Dict[str, dict]] = {init: {} for init in INITS}
     for init in INITS:
-        work = out / init
-        work.mkdir()
-        weights = encoder if init == "mae" else None
-        raw[init] = {"det": detection(work, world, weights, lengths.det_iters),
-                     "seg": segmentation(work, world, weights, lengths.seg_iters),
-                     "cls": classification(work, world, weights, lengths)}
+        (out / init).mkdir()
+    threads = max(1, (os.cpu_count() or 1) // len(INITS))
+    with ThreadPoolExecutor(len(INITS)) as pool:
+        for task, fn in (("det", detection), ("seg", segmentation), ("cls", classification)):
+            runs = {init: pool.submit(fn, Runner(init, threads), out / init, world,
+                                      encoder if init == "mae" else None, lengths) for init in INITS}
+            for init, result in runs.items():
+                raw[init][task] = result.result()
 
     plot_curves(loss_curves(out), out / "loss_curves.png")
     table = summarize(raw)
