@@ -98,13 +98,13 @@ def measure(task: str, stock: bool, mode: str, args: argparse.Namespace) -> Dict
             model.zero_grad(set_to_none=True)
         return loss.detach()
 
-    probe = MatmulProbe(device, amp or torch.float32)  # before the memory baseline: its matrices are not the model's
+    probe = MatmulProbe(device, amp or torch.float32)  # before the CPU baseline; subtracted on CUDA
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline = resident_bytes()
     times, rates = time_step(step, images, args.warmup, args.iters, probe)
     if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated(device)
+        memory = torch.cuda.max_memory_allocated(device) - probe.nbytes
     else:  # ru_maxrss is in KiB
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     # cost: each step in matmul-peak FLOPs (seconds x the machine's matmul rate right after it)
