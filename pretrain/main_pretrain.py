@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mae_transfer.checkpoints import save_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform
-from mae_transfer.engine import (AMP_MODES, NonFiniteLossError, Precision, RunLog, adamw, cleanup,
+from mae_transfer.engine import (AMP_HELP, AMP_MODES, NonFiniteLossError, Precision, RunLog, adamw, cleanup,
                                  exit_on_non_finite, init_distributed, param_groups, resolve_accum_iter, resume,
                                  save_state, scaled_lr, seed_everything, train_one_epoch, warmup_cosine)
 from mae_transfer.models import MASKING_STRATEGIES, MODELS, create_model, masking_noise
@@ -63,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min_lr", type=float, default=0.0, help="learning rate at the end of the cosine")
     parser.add_argument("--warmup_epochs", type=int, default=40, help="epochs of linear warmup")
     parser.add_argument("--amp", default="auto", choices=["auto", *AMP_MODES],
-                        help="autocast dtype: auto = bf16 on CUDA, none (fp32) elsewhere; fp16 adds a grad scaler")
+                        help=AMP_HELP)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs)")
 
     # Data, output, run

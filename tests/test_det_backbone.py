@@ -78,9 +78,10 @@ def test_vitdet_arch_puts_global_attention_in_vitdets_blocks():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_autocast_follows_detectron2_in_fp32(dtype):
+def test_cuda_autocast_follows_detectron2_in_fp32_and_trains(dtype):
     """On CUDA under autocast the relative-position bias reaches SDPA in the queries' dtype (a float32 mask with
-    bf16 queries would raise) and the features follow detectron2's own ViT run in fp32."""
+    bf16 queries would raise), the features follow detectron2's own ViT run in fp32, and a GradScaler step reaches
+    every parameter, the relative-position tables included (their gradient flows through SDPA's mask)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     ours = _randomised(ViT(**VIT)).cuda().eval()
     theirs = Detectron2ViT(**VIT).cuda().eval()
@@ -92,3 +93,13 @@ def test_cuda_autocast_follows_detectron2_in_fp32(dtype):
             low = ours(x)["last_feat"]
     error = (low.float() - reference).norm() / reference.norm()
     assert 0 < error < 2e-2  # low precision did run, and stays close
+
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    with torch.autocast("cuda", dtype=dtype):
+        loss = ours.train()(x)["last_feat"].float().square().mean()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())
+    assert ours.blocks[2].attn.rel_pos_h.grad.abs().sum() > 0

@@ -95,3 +95,30 @@ def test_backward_without_update_accumulates_and_update_steps():
     assert torch.equal(model.weight, before)
     precision.backward(mse_step(model, (x, y))[0], opt, update=True)
     assert model.weight.grad is None and not torch.equal(model.weight, before)
+
+
+@pytest.mark.parametrize("native_bf16, mode", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_on_cuda_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch, native_bf16, mode):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: calls.append(
+        including_emulation) or native_bf16)
+    assert Precision("auto", torch.device("cuda")).mode == mode
+    assert calls == [False]  # emulated bf16 (V100, T4) does not count
+
+
+def test_gradient_sync_is_skipped_through_torch_compile_s_wrapper_of_ddp(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mae_transfer.engine import skip_gradient_sync
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
+        for wrapped in (ddp, torch.compile(ddp)):  # compiling is lazy: nothing is compiled here
+            with skip_gradient_sync(wrapped):
+                assert not ddp.require_backward_grad_sync
+            assert ddp.require_backward_grad_sync
+        with skip_gradient_sync(torch.nn.Linear(2, 2)):  # a single-process model: nothing to skip
+            pass
+    finally:
+        dist.destroy_process_group()

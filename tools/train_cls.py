@@ -32,9 +32,9 @@ from mae_transfer.checkpoints import atomic_path, load_into, read_checkpoint, sa
 from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESETS, build_classifier, build_optimizer,
                               evaluate, load_pretrained, resolve_mode)
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
-from mae_transfer.engine import (AMP_MODES, DistInfo, NonFiniteLossError, Precision, RunLog, cleanup, init_distributed,
-                                 latest_checkpoint, load_state, save_state, scaled_lr, seed_everything,
-                                 train_one_epoch, warmup_cosine)
+from mae_transfer.engine import (AMP_HELP, AMP_MODES, DistInfo, NonFiniteLossError, Precision, RunLog, cleanup,
+                                 init_distributed, latest_checkpoint, load_state, save_state, scaled_lr,
+                                 seed_everything, train_one_epoch, warmup_cosine)
 from mae_transfer.engine.batch import resolve_accum_iter
 
 
@@ -78,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min_lr", type=float, default=None, help=f"lr at the end of the cosine {by_mode}")
     parser.add_argument("--warmup_epochs", type=int, default=None, help=by_mode)
     parser.add_argument("--amp", default="auto", choices=["auto", *AMP_MODES],
-                        help="autocast dtype: auto = bf16 on CUDA, none (fp32) elsewhere; fp16 adds a grad scaler")
+                        help=AMP_HELP)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
 
     # Augmentation (timm's implementations)

@@ -33,8 +33,8 @@ def evaluate(net: nn.Module, loader: Iterable, precision: Precision, *, sharded:
         n = target.shape[0]
         # timm returns percentages of this batch; back to (integer) hit counts so totals stay exact
         hits1, hits5 = (torch.round(acc.double() * n / 100) for acc in accuracy(logits, target, topk=(1, 5)))
-        totals += torch.stack([F.cross_entropy(logits, target, reduction="sum").double(), hits1, hits5,
-                               torch.tensor(n, dtype=torch.float64, device=device)])
+        totals[:3] += torch.stack([F.cross_entropy(logits, target, reduction="sum").double(), hits1, hits5])
+        totals[3] += n  # a Python scalar: no host-to-device copy, which would wait for the GPU every batch
         bar.update(1)
     bar.close()
     if sharded:

@@ -94,7 +94,9 @@ class ImageFolderDataset(Dataset):
         if self.transform is not None:
             with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
                 if self.seed is not None:
-                    torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                    # the CPU generator only: torch.manual_seed would also reseed the GPUs' (drop path) with
+                    # --num_workers 0, where samples are drawn in the training process
+                    torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
                 image = self.transform(image)
         return Sample(image, self.labels[i], skipped)
 

@@ -4,21 +4,25 @@ from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["AMP_MODES", "Precision"]
+__all__ = ["AMP_MODES", "AMP_HELP", "Precision"]
 
 AMP_MODES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_HELP = ("autocast dtype: auto = bf16 on GPUs that compute in it (fp16 on older ones), none (fp32) elsewhere; "
+            "fp16 adds a grad scaler")
 
 
 class Precision:
     """Autocast context and backward/optimizer step for one `--amp` mode on one device.
 
-    'auto' picks bf16 on CUDA (no loss scaling needed, and MAE's norm-pixel targets are safe in it) and fp32 on
-    other devices. fp16 needs a GradScaler, which skips the update of any step whose gradients overflowed.
+    'auto' picks bf16 on a CUDA GPU that computes in it natively (no loss scaling needed, and MAE's norm-pixel
+    targets are safe in it), fp16 on older GPUs (where bf16 is emulated and SDPA's fused kernels refuse it), and fp32
+    on other devices. fp16 needs a GradScaler, which skips the update of any step whose gradients overflowed.
     """
 
     def __init__(self, mode: str, device: torch.device):
-        if mode == "auto":
-            mode = "bf16" if device.type == "cuda" else "none"
+        if mode == "auto":  # bf16 where the GPU computes in it (Ampere on), else fp16 as the reference on V100
+            native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+            mode = "none" if device.type != "cuda" else "bf16" if native_bf16 else "fp16"
         if mode not in AMP_MODES:
             raise ValueError(f"--amp must be one of auto, {', '.join(AMP_MODES)}; got {mode!r}")
         if mode == "fp16" and device.type != "cuda":

@@ -14,7 +14,7 @@ from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, NoReturn, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from .amp import Precision
 from .distributed import all_reduce, get_world_size, is_main_process
 from .logging import RunLog, progress_bar
 
-__all__ = ["NonFiniteLossError", "EpochResult", "StepFn", "train_one_epoch", "exit_on_non_finite"]
+__all__ = ["NonFiniteLossError", "EpochResult", "StepFn", "train_one_epoch", "skip_gradient_sync", "exit_on_non_finite"]
 
 # (model, batch) -> (loss, counts): counts are integers summed over the epoch and all processes (e.g. images
 # that could not be read), reported with the epoch's result.
@@ -72,6 +72,13 @@ def _first_nonfinite(losses: List[torch.Tensor], first_iteration: int) -> Tuple[
     return values.sum().to(torch.float64), first_bad
 
 
+def skip_gradient_sync(model: nn.Module) -> ContextManager:
+    """DDP's no_sync() for a micro-batch that does not end an accumulation window; `model` may be DDP itself or
+    torch.compile's wrapper of it (the recommended order), which is not a DistributedDataParallel instance."""
+    ddp = getattr(model, "_orig_mod", model)
+    return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else nullcontext()
+
+
 def train_one_epoch(model: nn.Module, step_fn: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler, precision: Precision, *, epoch: int, iters_per_epoch: int, batch_size: int,
                     accum_iter: int = 1, log: Optional[RunLog] = None, log_every: int = 20,
@@ -102,7 +109,7 @@ def train_one_epoch(model: nn.Module, step_fn: StepFn, loader: Iterable, optimiz
         if i % accum_iter == 0:
             scheduler.step_update(iteration)
         update = (i + 1) % accum_iter == 0
-        sync = nullcontext() if update or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        sync = nullcontext() if update else skip_gradient_sync(model)
         with sync:
             with precision.autocast():
                 loss, step_counts = step_fn(model, batch)
