@@ -1,5 +1,7 @@
 """Shared by the pretraining tests: tiny image folders drawn with PIL, and tiny runs of pretrain/main_pretrain.py."""
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -68,6 +70,21 @@ def subprocess_env() -> Dict[str, str]:
                 OMP_NUM_THREADS="1")
 
 
-def run_main(argv: List[str], launcher: List[str] = (sys.executable,), **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher, str(MAIN), *argv], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300, **kwargs)
+def run_tool(cmd: List[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `cmd` (e.g. torchrun and its workers) in its own process group. If it outlives `timeout`, every process
+    in the group is sent SIGABRT, on which Python's faulthandler prints each thread's stack: the failure shows where
+    each process was waiting, and no worker is left behind."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(subprocess_env(), PYTHONFAULTHANDLER="1"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        out, err = proc.communicate()
+        raise AssertionError(f"{shlex.join(cmd)} did not end in {timeout:.0f}s; its output, then every process's "
+                             f"stacks:\n{out[-4000:]}\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_main(argv: List[str], launcher: List[str] = (sys.executable,)) -> subprocess.CompletedProcess:
+    return run_tool([*launcher, str(MAIN), *map(str, argv)])

@@ -1,6 +1,5 @@
 """tools/train_cls.py end to end on generated images: flags, learning, evaluation, freezing, resume."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from PIL import Image
 
 from mae_transfer.checkpoints import read_checkpoint
 from mae_transfer.models import mae_vit_tiny_patch16
-from pretrain_helpers import one_thread, subprocess_env
+from pretrain_helpers import one_thread, run_tool
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_cls.py"
 sys.path.insert(0, str(TOOL.parent))
@@ -140,8 +139,7 @@ def test_two_process_gloo_run_matches_one_process_and_dist_eval_counts_every_ima
     single = run(blobs, tmp_path / "one", *common)
     assert single["loss"] < 0.9  # it did learn (from ln 3 = 1.0986)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TOOL)]
-    double = subprocess.run(torchrun + flags(blobs, tmp_path / "two", *common, batch_size=4), env=subprocess_env(),
-                            capture_output=True, text=True, timeout=300)
+    double = run_tool(torchrun + flags(blobs, tmp_path / "two", *common, batch_size=4))
     assert double.returncode == 0, double.stderr
     assert "effective batch 8 = 4 x 1 (accum) x 2 (processes)" in double.stdout
     # same global batches (per-sample seeded augmentation), averaged gradients: the same model, up to summation
