@@ -136,7 +136,7 @@ def resident_bytes() -> int:
 
 
 def time_step(step: Step, images: torch.Tensor, warmup: int, steps: int,
-              probe: Optional[MatmulProbe] = None) -> Tuple[List[float], List[float]]:
+              probe: MatmulProbe) -> Tuple[List[float], List[float]]:
     """Seconds of each of `steps` steps after `warmup` untimed ones, and the `probe`'s matmul rate after each."""
     device = images.device
     for _ in range(warmup):
@@ -149,8 +149,7 @@ def time_step(step: Step, images: torch.Tensor, warmup: int, steps: int,
         loss = step(images)
         sync(device)
         times.append(time.perf_counter() - t0)
-        if probe is not None:
-            rates.append(probe())
+        rates.append(probe())
     if not torch.isfinite(loss):
         raise FloatingPointError("the benchmark step produced a non-finite loss")
     return times, rates
@@ -243,6 +242,7 @@ def main(argv=None) -> None:
         what = {"mask_tokens": f"Table 2 speed-up (step time of encoder w/ mask tokens / {base['row']})",
                 "transformers": f"{base['row']} / transformers (images/s)"}.get(r["row"], names[r["row"]])
         print(f"{what}: {r['step_s'] / base['step_s']:.2f}x; at equal matmul speed {r['cost'] / base['cost']:.2f}x")
+
 
 if __name__ == "__main__":
     main()

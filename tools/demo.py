@@ -2,14 +2,14 @@
 """The whole toolkit on the built-in synthetic world (`make demo`): MAE pretraining, then detection, segmentation and
 classification fine-tuned from the MAE encoder and from a random one, with one table of the results.
 
-    python tools/demo.py                   # ~19 min on 2 CPU cores; everything under runs/demo
+    python tools/demo.py                   # ~13 min on 2 CPU cores; everything under runs/demo
     python tools/demo.py --quick           # the same steps on a tiny world, a few iterations each (a smoke run)
 
 Every step is a subprocess running the tool a user would run, with the flags printed before it starts:
 mae_transfer.data.synthetic, pretrain/main_pretrain.py, tools/visualize_mae.py, tools/train_det.py,
 tools/train_seg.py + tools/test_seg.py and tools/train_cls.py. The MAE-initialised and the from-scratch run of each
 task go side by side, each on half the cores (their lines prefixed [mae] / [scratch]): tiny models use one thread
-far better than two, so on 2 cores the pair takes ~1.4x less time than one after the other. Only the run lengths
+far better than two, so on 2 cores the pair takes ~1.5x less time than one after the other. Only the run lengths
 are the demo's own (below); the recipes are the tiny presets and configs. The results are read back from the
 files those tools write:
 
@@ -88,13 +88,13 @@ class Runner:
 def pretrain(runner: Runner, out: Path, world: Path, lengths: RunLengths) -> Path:
     """The tiny MAE preset on the unlabeled images; returns the exported encoder."""
     runner.run(["pretrain/main_pretrain.py", "--preset", "tiny", "--data_path", world / "pretrain",
-         "--output_dir", out / "pretrain", "--epochs", lengths.pretrain_epochs,
-         "--warmup_epochs", min(2, lengths.pretrain_epochs - 1), "--save_every", lengths.pretrain_epochs,
-         *batch_size(lengths)],
-        out / "pretrain.log")
+                "--output_dir", out / "pretrain", "--epochs", lengths.pretrain_epochs,
+                "--warmup_epochs", min(2, lengths.pretrain_epochs - 1), "--save_every", lengths.pretrain_epochs,
+                *batch_size(lengths)],
+               out / "pretrain.log")
     runner.run(["tools/visualize_mae.py", "--checkpoint", out / "pretrain" / "mae_full.safetensors",
-         "--images", world / "cls" / "val", "--num_images", 6, "--out", out / "reconstructions.png"],
-        out / "visualize.log")
+                "--images", world / "cls" / "val", "--num_images", 6, "--out", out / "reconstructions.png"],
+               out / "visualize.log")
     return out / "pretrain" / "encoder.safetensors"
 
 
@@ -103,17 +103,17 @@ def detection(runner: Runner, out: Path, world: Path, encoder: Optional[Path], l
     coco, work, iters = world / "coco", out / "det", lengths.det_iters
     step = max(1, iters // 20)
     runner.run(["tools/train_det.py", "--config-file", DET_CONFIG,
-         f"train.init_checkpoint={encoder or ''}", f"train.output_dir={work}",
-         f"dataloader.train.dataset.json_file={coco}/annotations/instances_train.json",
-         f"dataloader.train.dataset.image_root={coco}/train",
-         f"dataloader.test.dataset.json_file={coco}/annotations/instances_val.json",
-         f"dataloader.test.dataset.image_root={coco}/val",
-         f"train.max_iter={iters}", f"train.eval_period={iters}", f"train.checkpointer.period={iters}",
-         f"train.log_period={max(1, iters // 40)}",
-         f"lr_multiplier.scheduler.num_updates={iters}",
-         # lr steps at 90% and 95% of the run, as ViTDet's schedule (and distinct however short the run)
-         f"lr_multiplier.scheduler.milestones=[{iters - 2 * step},{iters - step}]"],
-        out / "det.log")
+                f"train.init_checkpoint={encoder or ''}", f"train.output_dir={work}",
+                f"dataloader.train.dataset.json_file={coco}/annotations/instances_train.json",
+                f"dataloader.train.dataset.image_root={coco}/train",
+                f"dataloader.test.dataset.json_file={coco}/annotations/instances_val.json",
+                f"dataloader.test.dataset.image_root={coco}/val",
+                f"train.max_iter={iters}", f"train.eval_period={iters}", f"train.checkpointer.period={iters}",
+                f"train.log_period={max(1, iters // 40)}",
+                f"lr_multiplier.scheduler.num_updates={iters}",
+                # lr steps at 90% and 95% of the run, as ViTDet's schedule (and distinct however short the run)
+                f"lr_multiplier.scheduler.milestones=[{iters - 2 * step},{iters - step}]"],
+               out / "det.log")
     return json.loads((work / "coco_ap.json").read_text())
 
 
@@ -127,9 +127,9 @@ def segmentation(runner: Runner, out: Path, world: Path, encoder: Optional[Path]
     if encoder:
         options.append(f"model.pretrained={encoder}")
     runner.run(["tools/train_seg.py", SEG_CONFIG, "--work-dir", work, "--data-root", world / "ade", "--cfg-options",
-         *options], out / "seg.log")
+                *options], out / "seg.log")
     runner.run(["tools/test_seg.py", SEG_CONFIG, work / f"iter_{iters}.pth", "--work-dir", work, "--data-root",
-         world / "ade", "--json", work / "metrics.json"], out / "seg_test.log")
+                world / "ade", "--json", work / "metrics.json"], out / "seg_test.log")
     return json.loads((work / "metrics.json").read_text())
 
 
@@ -141,9 +141,9 @@ def classification(runner: Runner, out: Path, world: Path, encoder: Optional[Pat
     """Fine-tuning with the tiny classification preset on the world's class folders; returns metrics.json."""
     work = out / "cls"
     runner.run(["tools/train_cls.py", "--preset", "tiny", "--data_path", world / "cls", "--output_dir", work,
-         "--epochs", lengths.cls_epochs, "--warmup_epochs", min(5, lengths.cls_epochs - 1),
-         "--save_every", lengths.cls_epochs, *batch_size(lengths),
-         *(["--finetune", encoder] if encoder else [])], out / "cls.log")
+                "--epochs", lengths.cls_epochs, "--warmup_epochs", min(5, lengths.cls_epochs - 1),
+                "--save_every", lengths.cls_epochs, *batch_size(lengths),
+                *(["--finetune", encoder] if encoder else [])], out / "cls.log")
     return json.loads((work / "metrics.json").read_text())
 
 

@@ -20,9 +20,10 @@ class Precision:
     """
 
     def __init__(self, mode: str, device: torch.device):
-        if mode == "auto":  # bf16 where the GPU computes in it (Ampere on), else fp16 as the reference on V100
-            native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-            mode = "none" if device.type != "cuda" else "bf16" if native_bf16 else "fp16"
+        if mode == "auto" and device.type != "cuda":
+            mode = "none"
+        elif mode == "auto":  # bf16 where the GPU computes in it (Ampere on), else fp16 as the reference on V100
+            mode = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         if mode not in AMP_MODES:
             raise ValueError(f"--amp must be one of auto, {', '.join(AMP_MODES)}; got {mode!r}")
         if mode == "fp16" and device.type != "cuda":
