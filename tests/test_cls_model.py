@@ -75,9 +75,11 @@ def test_finetune_groups_have_layer_decay_and_no_decay_on_biases_norms_tokens():
     wd = {n: g["weight_decay"] for g in optimizer.param_groups for n in _names(net, g)}
     assert set(scale) == {n for n, _ in net.named_parameters()}
     # reference.md: num_layers = depth + 1, scale = decay ** (num_layers - layer_id)
-    expected = {"cls_token": decay ** 5, "pos_embed": decay ** 5, "patch_embed.proj.weight": decay ** 5,
-                "blocks.0.norm1.weight": decay ** 4, "blocks.1.attn.qkv.weight": decay ** 3,
-                "blocks.3.mlp.fc2.bias": decay ** 1, "fc_norm.weight": 1.0, "head.weight": 1.0, "head.bias": 1.0}
+    # (layer_id 0 for the embeddings, i + 1 for block i, num_layers for the rest)
+    expected = {"cls_token": decay ** (depth + 1), "pos_embed": decay ** (depth + 1),
+                "patch_embed.proj.weight": decay ** (depth + 1), "blocks.0.norm1.weight": decay ** depth,
+                "blocks.1.attn.qkv.weight": decay ** (depth - 1), "blocks.3.mlp.fc2.bias": decay ** (depth - 3),
+                "fc_norm.weight": 1.0, "head.weight": 1.0, "head.bias": 1.0}
     for name, value in expected.items():
         assert scale[name] == pytest.approx(value), name
     no_decay = {n for n, v in wd.items() if v == 0.0}

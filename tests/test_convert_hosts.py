@@ -1,6 +1,5 @@
 """The converter's output in the host frameworks' own loaders (mmseg's is checked in test_seg_backbone.py, on the
 bare 'mmseg' state dict this converter writes)."""
-import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 

@@ -1,4 +1,5 @@
-"""The ViTBackbone of mae_transfer.seg: any input size, equality with mmseg's own MAE, checkpoint loading and its report."""
+"""The ViTBackbone of mae_transfer.seg: any input size, equality with mmseg's own MAE, checkpoint loading and its
+report."""
 import pytest
 import torch
 

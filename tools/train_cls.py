@@ -25,17 +25,16 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from mae_transfer.checkpoints import atomic_path, load_into, read_checkpoint, save_checkpoint
 from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESETS, build_classifier, build_optimizer,
                               evaluate, load_pretrained, resolve_mode)
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
-from mae_transfer.engine import (AMP_HELP, AMP_MODES, DistInfo, NonFiniteLossError, Precision, RunLog, cleanup,
-                                 init_distributed, latest_checkpoint, load_state, save_state, scaled_lr,
-                                 seed_everything, train_one_epoch, warmup_cosine)
-from mae_transfer.engine.batch import resolve_accum_iter
+from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, add_batch_flags, add_precision_flags,
+                                 add_run_flags, cleanup, data_parallel, exit_on_non_finite, init_distributed,
+                                 latest_checkpoint, resume, save_state, scaled_lr, seed_everything, train_one_epoch,
+                                 training_loader, warmup_cosine)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,12 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=None,
                         help=f"batch size per GPU; effective batch = batch_size * accum_iter * #GPUs {by_mode}")
     parser.add_argument("--epochs", type=int, default=None, help=by_mode)
-    parser.add_argument("--accum_iter", type=int, default=None,
-                        help="gradient accumulation iterations (default 1, or as --effective_batch_size needs)")
-    parser.add_argument("--effective_batch_size", type=int, default=None,
-                        help="choose accum_iter to reach this batch size over all GPUs (the presets do)")
-    parser.add_argument("--max_steps", type=int, default=None,
-                        help="stop after this many optimizer steps in all (smoke runs); the schedule is unchanged")
+    add_batch_flags(parser)
 
     # Model
     parser.add_argument("--model", default="vit_large_patch16", choices=ENCODERS, help="encoder architecture")
@@ -77,9 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layer_decay", type=float, default=None, help=f"layer-wise lr decay {by_mode}")
     parser.add_argument("--min_lr", type=float, default=None, help=f"lr at the end of the cosine {by_mode}")
     parser.add_argument("--warmup_epochs", type=int, default=None, help=by_mode)
-    parser.add_argument("--amp", default="auto", choices=["auto", *AMP_MODES],
-                        help=AMP_HELP)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    add_precision_flags(parser)
 
     # Augmentation (timm's implementations)
     parser.add_argument("--color_jitter", type=float, default=None, help="colour jitter (used only without --aa)")
@@ -105,22 +97,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default="./data/imagenet", type=str, help="dataset root")
     parser.add_argument("--nb_classes", type=int, default=None,
                         help="number of classes (default: the dataset's; if given, it must match)")
-    parser.add_argument("--output_dir", default="./output_dir", help="checkpoints, metrics, log.jsonl")
-    parser.add_argument("--log_dir", default=None, help="TensorBoard logs (default: --output_dir)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--resume", default="",
-                        help="training state to resume (a checkpoint-N.pth or a directory: its latest); with --eval "
-                             "any checkpoint of the whole classifier")
-    parser.add_argument("--start_epoch", default=0, type=int, help="first epoch (resuming sets it)")
+    add_run_flags(parser, outputs="checkpoints, metrics, log.jsonl",
+                  resume="training state to resume (a checkpoint-N.pth or a directory: its latest); with --eval "
+                         "any checkpoint of the whole classifier")
     parser.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint only")
     parser.add_argument("--dist_eval", action="store_true",
                         help="split evaluation over all processes (exact: no sample is repeated)")
-    parser.add_argument("--save_every", default=20, type=int, help="save a checkpoint every N epochs (and the last)")
-    parser.add_argument("--log_every", default=20, type=int, help="log every N iterations")
-    parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--pin_mem", action="store_true", default=True, help="pin loader memory (CUDA only)")
-    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     return parser
 
 
@@ -166,11 +148,6 @@ def build_criterion(args: argparse.Namespace, mixup: Optional[Mixup]) -> torch.n
     return torch.nn.CrossEntropyLoss()
 
 
-def printer(dist: DistInfo):
-    """print on the main process, nothing elsewhere."""
-    return print if dist.is_main else (lambda *a, **k: None)
-
-
 def write_json(path: Path, record: Dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -182,7 +159,6 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit("--eval needs --resume: the classifier checkpoint to evaluate")
     dist = init_distributed(args.device)
     device = dist.device
-    say = printer(dist)
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="%(message)s")
     seed_everything(args.seed + dist.rank)
     mode = resolve_mode(args.mode, args.partial_blocks)
@@ -213,13 +189,13 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     # Model
     net = build_classifier(args.model, num_classes, mode=mode, global_pool=args.global_pool,
                            drop_path=args.drop_path, img_size=args.input_size, partial_blocks=args.partial_blocks)
-    say(f"model: {args.model} at {args.input_size}px, {mode}"
-        + (f" of the last {args.partial_blocks} blocks" if mode == "partial" else "")
-        + f", {'global pool + fc_norm' if args.global_pool else 'cls token'}, {num_classes} classes; "
-          f"{sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
+    dist.print(f"model: {args.model} at {args.input_size}px, {mode}"
+               + (f" of the last {args.partial_blocks} blocks" if mode == "partial" else "")
+               + f", {'global pool + fc_norm' if args.global_pool else 'cls token'}, {num_classes} classes; "
+                 f"{sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
     if args.finetune and not args.eval:
         report, fmt = load_pretrained(net, args.finetune)
-        say(f"{report}\n(format: {fmt})")
+        dist.print(f"{report}\n(format: {fmt})")
     net.to(device)
     precision = Precision(args.amp, device)
 
@@ -236,93 +212,71 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 def evaluate_checkpoint(args: argparse.Namespace, net: torch.nn.Module, val_loader: DataLoader,
                         precision: Precision, dist: DistInfo) -> Dict[str, Any]:
     """--eval: the whole classifier from --resume (any recognised checkpoint), evaluated; eval.json written."""
-    say = printer(dist)
     path = latest_checkpoint(Path(args.resume))
     if path is None:
         raise SystemExit(f"--resume {args.resume}: no checkpoint-N.pth in that directory")
-    say(load_into(net, read_checkpoint(path).state_dict, dropped=[], source=str(path)))
+    dist.print(load_into(net, read_checkpoint(path).state_dict, dropped=[], source=str(path)))
     if not (args.dist_eval or dist.is_main):
         return {}
     metrics = evaluate(net, val_loader, precision, sharded=args.dist_eval, show_progress=dist.is_main)
     if dist.is_main:
         output = Path(args.output_dir) / "eval.json"
         write_json(output, {**metrics, "checkpoint": str(path), "dataset": args.dataset, "data_path": args.data_path})
-        say(f"{path} on {metrics['images']} {args.dataset} val images: top-1 {metrics['top1']:.2f}%, "
-            f"top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f} -> {output}")
+        dist.print(f"{path} on {metrics['images']} {args.dataset} val images: top-1 {metrics['top1']:.2f}%, "
+                   f"top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f} -> {output}")
     return metrics
 
 
 def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader: DataLoader, precision: Precision,
           dist: DistInfo) -> Dict[str, Any]:
     """Train from the model as built and loaded (or resume), evaluating after every epoch."""
-    say = printer(dist)
     device, mode, output_dir = dist.device, resolve_mode(args.mode, args.partial_blocks), Path(args.output_dir)
     num_classes = args.nb_classes
     try:
-        accum_iter = resolve_accum_iter(args.batch_size, dist.world_size, accum_iter=args.accum_iter,
-                                        effective_batch_size=args.effective_batch_size)
+        train_loader, plan = training_loader(train_set, dist, batch_size=args.batch_size, seed=args.seed,
+                                             num_workers=args.num_workers, pin_mem=args.pin_mem,
+                                             accum_iter=args.accum_iter,
+                                             effective_batch_size=args.effective_batch_size)
     except ValueError as err:
-        raise SystemExit(str(err)) from None
-    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=args.seed)
-    train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                              pin_memory=args.pin_mem and device.type == "cuda", drop_last=True)
-    iters_per_epoch = len(train_loader) // accum_iter * accum_iter
-    if iters_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training images: too few for one optimizer step of {args.batch_size} x "
-                         f"{accum_iter} (accum_iter) x {dist.world_size} (processes)")
-    effective_batch = args.batch_size * accum_iter * dist.world_size
+        raise SystemExit(f"{args.dataset} at {args.data_path}: {err}") from None
     if args.lr is None:
-        args.lr = scaled_lr(args.blr, effective_batch)
-    say(f"data: {args.dataset} at {args.data_path}: {len(train_set)} train / {len(val_loader.dataset)} val images"
-        + (f" (this process's share: --dist_eval)" if args.dist_eval and dist.world_size > 1 else ""))
-    say(f"effective batch {effective_batch} = {args.batch_size} x {accum_iter} (accum) x {dist.world_size} "
-        f"(processes); {OPTIMIZERS[mode]} lr {args.lr:.3e} (blr {args.lr * 256 / effective_batch:.3e}), "
-        f"weight decay {args.weight_decay}"
-        + (f", layer decay {args.layer_decay}" if OPTIMIZERS[mode] == "adamw" else "")
-        + f"; {iters_per_epoch} iterations per epoch")
+        args.lr = scaled_lr(args.blr, plan.effective)
+    dist.print(f"data: {args.dataset} at {args.data_path}: {len(train_set)} train / {len(val_loader.dataset)} val "
+               "images"
+               + (" (this process's share: --dist_eval)" if args.dist_eval and dist.world_size > 1 else ""))
+    dist.print(f"{plan}; {OPTIMIZERS[mode]} lr {args.lr:.3e} (blr {args.lr * 256 / plan.effective:.3e}), "
+               f"weight decay {args.weight_decay}"
+               + (f", layer decay {args.layer_decay}" if OPTIMIZERS[mode] == "adamw" else "")
+               + f"; {plan.iters_per_epoch} iterations per epoch")
 
-    model_without_ddp = net
-    model = net
-    if dist.world_size > 1:
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    model_without_ddp, model = net, data_parallel(net, dist)
     optimizer = build_optimizer(net, mode, lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
                                 partial_blocks=args.partial_blocks, device=device)
     scheduler = warmup_cosine(optimizer, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                              iters_per_epoch=iters_per_epoch, min_lr=args.min_lr)
+                              iters_per_epoch=plan.iters_per_epoch, min_lr=args.min_lr)
     mixup = build_mixup(args, num_classes)
     step_fn = partial(classification_step, criterion=build_criterion(args, mixup), mixup=mixup, device=device)
 
-    last_checkpoint = None
-    if args.resume:
-        last_checkpoint = latest_checkpoint(Path(args.resume))
-        if last_checkpoint is None:
-            say(f"--resume {args.resume}: no checkpoint there yet; starting from scratch")
-        else:
-            state = load_state(last_checkpoint, model=model_without_ddp, optimizer=optimizer, precision=precision)
-            args.start_epoch = state["epoch"] + 1
-            say(f"resumed from {last_checkpoint}: epoch {state['epoch']} done, {state['iteration']} iterations")
+    last_checkpoint = resume(args, model=model_without_ddp, optimizer=optimizer, precision=precision)
 
     train_model = torch.compile(model) if args.compile else model
     log = RunLog(output_dir / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
-    max_iterations = args.max_steps * accum_iter if args.max_steps is not None else None
+    max_iterations = args.max_steps * plan.accum_iter if args.max_steps is not None else None
     best: Dict[str, Any] = {}
     metrics: Dict[str, Any] = {}
     epoch = args.start_epoch - 1
     start = time.perf_counter()
     for epoch in range(args.start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         try:
             result = train_one_epoch(train_model, step_fn, train_loader, optimizer, scheduler, precision,
-                                     epoch=epoch, iters_per_epoch=iters_per_epoch, batch_size=args.batch_size,
-                                     accum_iter=accum_iter, log=log, log_every=args.log_every,
+                                     epoch=epoch, iters_per_epoch=plan.iters_per_epoch,
+                                     batch_size=args.batch_size,
+                                     accum_iter=plan.accum_iter, log=log, log_every=args.log_every,
                                      max_iterations=max_iterations, clip_grad=args.clip_grad)
         except NonFiniteLossError as err:
-            log.write("error", err.iteration, {"epoch": err.epoch, "message": str(err)})
-            log.close()
-            raise SystemExit(f"{err}. Nothing was saved after it; the last good checkpoint "
-                             f"({last_checkpoint or 'none was written yet'}) is intact.") from None
+            exit_on_non_finite(err, log, last_checkpoint)
         metrics = evaluate(model_without_ddp, val_loader, precision, sharded=args.dist_eval,
                            show_progress=dist.is_main) if args.dist_eval or dist.is_main else {}
         if dist.is_main:
@@ -332,18 +286,18 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
                                                   "images_per_s": result.images_per_s, **result.counts,
                                                   **{f"val_{k}": v for k, v in metrics.items()}})
             log.flush()
-            say(f"epoch {epoch}: train loss {result.loss:.4f}, val top-1 {metrics['top1']:.2f}% "
-                f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f} (best top-1 {best['top1']:.2f}%), "
-                f"{result.images_per_s:.1f} images/s"
-                + "".join(f", {v} {k.replace('_', ' ')}" for k, v in result.counts.items() if v))
-        complete = result.iterations == iters_per_epoch
+            dist.print(f"epoch {epoch}: train loss {result.loss:.4f}, val top-1 {metrics['top1']:.2f}% "
+                       f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f} (best top-1 {best['top1']:.2f}%), "
+                       f"{result.images_per_s:.1f} images/s"
+                       + "".join(f", {v} {k.replace('_', ' ')}" for k, v in result.counts.items() if v))
+        complete = result.iterations == plan.iters_per_epoch
         if complete and (epoch % args.save_every == 0 or epoch + 1 == args.epochs or result.stopped):
             path = output_dir / f"checkpoint-{epoch}.pth"
             save_state(path, model=model_without_ddp, optimizer=optimizer, precision=precision, epoch=epoch,
                        iteration=result.iteration, args=vars(args), write=dist.is_main)
             last_checkpoint = path
         if result.stopped:
-            say(f"--max_steps {args.max_steps} reached")
+            dist.print(f"--max_steps {args.max_steps} reached")
             break
 
     if dist.is_main and epoch >= args.start_epoch:
@@ -354,9 +308,9 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
         save_checkpoint(output_dir / "classifier.safetensors", model_without_ddp.state_dict(), meta)
         write_json(output_dir / "metrics.json", {"final": {**metrics, "epoch": epoch}, "best": best,
                                                  "chance_top1": 100 / num_classes})
-        say(f"done in {time.perf_counter() - start:.0f}s: final top-1 {metrics['top1']:.2f}% "
-            f"(best {best['top1']:.2f}% at epoch {best['epoch']}); {output_dir / 'classifier.safetensors'}, "
-            f"{output_dir / 'metrics.json'}")
+        dist.print(f"done in {time.perf_counter() - start:.0f}s: final top-1 {metrics['top1']:.2f}% "
+                   f"(best {best['top1']:.2f}% at epoch {best['epoch']}); {output_dir / 'classifier.safetensors'}, "
+                   f"{output_dir / 'metrics.json'}")
     log.close()
     return metrics
 

@@ -67,7 +67,8 @@ def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, new: Seq
             got, want = state_dict["cls_token"].shape[-1], model_sd["cls_token"].shape[-1]
             if got != want:
                 hint = f" (the checkpoint is {got} wide, the model {want}: wrong model size?)"
-        raise CheckpointError(f"{source} does not fit the model{hint}; mismatched shapes:\n  " + "\n  ".join(mismatched))
+        raise CheckpointError(f"{source} does not fit the model{hint}; mismatched shapes:\n  "
+                              + "\n  ".join(mismatched))
     missing = [k for k in model_sd if k not in state_dict]
     unexpected = [k for k in state_dict if k not in model_sd]
     bad_missing = [k for k in missing if not _matches(k, new)]

@@ -75,7 +75,8 @@ def global_attention_blocks(depth: int, num_global: int = 4) -> List[int]:
 
 def vitdet_arch(name: str) -> dict:
     """detectron2 ViT arguments for one of our named sizes (mae_transfer.models.ARCHS): width, depth and heads, with
-    window attention in every block but ViTDet's four global ones. Use as `model.backbone.net.update(vitdet_arch(...))`."""
+    window attention in every block but ViTDet's four global ones.
+    Use as `model.backbone.net.update(vitdet_arch(...))`."""
     if name not in ARCHS:
         raise ValueError(f"unknown ViT size {name!r}; available: {', '.join(ARCHS)}")
     arch = ARCHS[name]

@@ -61,8 +61,8 @@ def encoder_to_detectron2(ckpt: Checkpoint, model_sd: Dict[str, torch.Tensor]) -
     if (arch["embed_dim"], arch["depth"]) != (width, depth):
         raise CheckpointError(
             f"{source} holds {_describe(arch['embed_dim'], arch['depth'])} but the config builds "
-            f"{_describe(width, depth)} (model.backbone.net): use the det_configs file of the checkpoint's size, or set "
-            f"model.backbone.net.embed_dim/depth/num_heads (and window_block_indexes) to match it")
+            f"{_describe(width, depth)} (model.backbone.net): use the det_configs file of the checkpoint's size, or "
+            f"set model.backbone.net.embed_dim/depth/num_heads (and window_block_indexes) to match it")
     out = {detectron2_name(k) or k: v for k, v in sd.items()}
     notes = []
 

@@ -1,6 +1,7 @@
 """COCO-format instance datasets given by paths, so a config trains on any such dataset without code:
 
-    dataloader.train.dataset.json_file=/data/mine/annotations/train.json dataloader.train.dataset.image_root=/data/mine/train
+    dataloader.train.dataset.json_file=/data/mine/annotations/train.json
+    dataloader.train.dataset.image_root=/data/mine/train
     dataloader.test.dataset.json_file=...  dataloader.test.dataset.image_root=...  model.roi_heads.num_classes=K
 
 `coco_instances` registers the files with detectron2's register_coco_instances under a name (which COCOEvaluator

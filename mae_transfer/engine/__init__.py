@@ -1,17 +1,21 @@
 """Training machinery shared by pretraining and fine-tuning: optimizer groups, the warmup-cosine schedule, mixed
-precision, torch.distributed set-up, logging, resumable state and the epoch loop."""
-from .amp import AMP_HELP, AMP_MODES, Precision
-from .batch import resolve_accum_iter
-from .distributed import (DistInfo, all_gather_object, all_reduce, barrier, cleanup, get_rank, get_world_size,
-                          init_distributed, is_distributed, is_main_process, seed_everything)
+precision, torch.distributed set-up, the effective batch and its loader, logging, resumable state, the epoch loop and
+the flags that drive them."""
+from .amp import AMP_MODES, Precision
+from .batch import BatchPlan, resolve_accum_iter, training_loader
+from .distributed import (DistInfo, all_gather_object, all_reduce, barrier, cleanup, data_parallel, get_rank,
+                          get_world_size, init_distributed, is_distributed, is_main_process, seed_everything)
+from .flags import add_batch_flags, add_precision_flags, add_run_flags
 from .logging import RunLog, progress_bar
 from .loop import EpochResult, NonFiniteLossError, StepFn, exit_on_non_finite, skip_gradient_sync, train_one_epoch
 from .optim import adamw, param_groups, scaled_lr
 from .schedule import warmup_cosine
 from .state import latest_checkpoint, load_state, resume, rng_state, save_state, set_rng_state
 
-__all__ = ["AMP_HELP", "AMP_MODES", "DistInfo", "EpochResult", "NonFiniteLossError", "Precision", "RunLog", "StepFn",
-           "adamw", "all_gather_object", "all_reduce", "barrier", "cleanup", "exit_on_non_finite", "get_rank",
-           "get_world_size", "init_distributed", "is_distributed", "is_main_process", "latest_checkpoint", "load_state",
+__all__ = ["AMP_MODES", "BatchPlan", "DistInfo", "EpochResult", "NonFiniteLossError", "Precision", "RunLog", "StepFn",
+           "add_batch_flags", "add_precision_flags", "add_run_flags", "adamw", "all_gather_object", "all_reduce",
+           "barrier", "cleanup", "data_parallel", "exit_on_non_finite", "get_rank", "get_world_size",
+           "init_distributed", "is_distributed", "is_main_process", "latest_checkpoint", "load_state",
            "param_groups", "progress_bar", "resolve_accum_iter", "resume", "rng_state", "save_state", "scaled_lr",
-           "seed_everything", "set_rng_state", "skip_gradient_sync", "train_one_epoch", "warmup_cosine"]
+           "seed_everything", "set_rng_state", "skip_gradient_sync", "train_one_epoch", "training_loader",
+           "warmup_cosine"]

@@ -4,11 +4,9 @@ from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["AMP_MODES", "AMP_HELP", "Precision"]
+__all__ = ["AMP_MODES", "Precision"]
 
 AMP_MODES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-AMP_HELP = ("autocast dtype: auto = bf16 on GPUs that compute in it (fp16 on older ones), none (fp32) elsewhere; "
-            "fp16 adds a grad scaler")
 
 
 class Precision:

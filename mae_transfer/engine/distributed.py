@@ -11,9 +11,11 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["DistInfo", "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
-           "all_reduce", "all_gather_object", "barrier", "seed_everything", "cleanup"]
+           "data_parallel", "all_reduce", "all_gather_object", "barrier", "seed_everything", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,11 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def print(self, *args, **kwargs) -> None:
+        """print, on the main process only."""
+        if self.is_main:
+            print(*args, **kwargs)
 
 
 def _resolve_device(device: Optional[str], local_rank: int) -> torch.device:
@@ -56,6 +63,14 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def data_parallel(model: nn.Module, dist: DistInfo) -> nn.Module:
+    """`model` in DistributedDataParallel (on this process's GPU, if any) when there are several processes; else
+    `model` itself."""
+    if dist.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
 
 
 def is_distributed() -> bool:

@@ -5,10 +5,11 @@ position) and every process's random-number generators (torch CPU and CUDA, NumP
 tensors and plain containers, so it reloads with torch.load(weights_only=True), and it is written atomically: a run
 killed while saving leaves the previous checkpoint untouched.
 """
+import argparse
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..checkpoints import CheckpointError, load_training_state, save_training_state
 from .amp import Precision
-from .distributed import all_gather_object, get_rank, get_world_size
+from .distributed import all_gather_object, get_rank, get_world_size, is_main_process
 
 __all__ = ["rng_state", "set_rng_state", "save_state", "load_state", "latest_checkpoint", "resume"]
 
@@ -103,14 +104,21 @@ def latest_checkpoint(path: Path) -> Optional[Path]:
     return max(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)), default=None)
 
 
-def resume(path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-           precision: Precision) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
-    """The --resume flag: restore the checkpoint `path` names (a file, or a directory's latest checkpoint).
+def resume(args: argparse.Namespace, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+           precision: Precision) -> Optional[Path]:
+    """The --resume flag, as the reference's misc.load_model: restore the checkpoint `args.resume` names (a file,
+    or a directory's latest checkpoint), set `args.start_epoch` to the epoch after it and say so.
 
-    Returns (checkpoint path, state), or (None, None) when `path` is empty or a directory with no checkpoint yet,
-    so a job that is always launched with --resume OUTPUT_DIR starts fresh the first time.
+    Returns the checkpoint restored, or None when `args.resume` is empty or a directory with no checkpoint yet, so a
+    job that is always launched with --resume OUTPUT_DIR starts fresh the first time.
     """
-    checkpoint = latest_checkpoint(Path(path)) if path else None
+    checkpoint = latest_checkpoint(Path(args.resume)) if args.resume else None
     if checkpoint is None:
-        return None, None
-    return checkpoint, load_state(checkpoint, model=model, optimizer=optimizer, precision=precision)
+        if args.resume and is_main_process():
+            print(f"--resume {args.resume}: no checkpoint there yet; starting from scratch")
+        return None
+    state = load_state(checkpoint, model=model, optimizer=optimizer, precision=precision)
+    args.start_epoch = state["epoch"] + 1
+    if is_main_process():
+        print(f"resumed from {checkpoint}: epoch {state['epoch']} done, {state['iteration']} iterations")
+    return checkpoint

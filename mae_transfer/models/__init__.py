@@ -27,7 +27,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = ["ARCHS", "DECODERS", "MODELS", "MASKING_STRATEGIES", "MaskedAutoencoderViT", "VisionTransformer",
-           "apply_masking", "arch_from_width", "layer_decay_scale", "vit_layer_id", "create_model", "masking_noise", "resample_patch_embed",
-           "resize_pos_embed", "sincos_pos_embed_2d", "mae_vit_tiny_patch16", "mae_vit_small_patch16",
-           "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14", "vit_tiny_patch16",
-           "vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"]
+           "apply_masking", "arch_from_width", "layer_decay_scale", "vit_layer_id", "create_model", "masking_noise",
+           "resample_patch_embed", "resize_pos_embed", "sincos_pos_embed_2d", "mae_vit_tiny_patch16",
+           "mae_vit_small_patch16", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14",
+           "vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"]

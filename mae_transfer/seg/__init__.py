@@ -2,7 +2,8 @@
 
 Importing this package registers into mmseg's registries: the `ViTBackbone` backbone, the
 `LayerDecayOptimWrapperConstructor`, the `ADE20KLayoutDataset` (any dataset in ADE20K's folder layout), the
-`PerClassIoUMetric` and the `WeightsOnlyCheckpointHook`. Configs bring it in with `custom_imports = dict(imports=['mae_transfer.seg'])`.
+`PerClassIoUMetric` and the `WeightsOnlyCheckpointHook`. Configs bring it in with
+`custom_imports = dict(imports=['mae_transfer.seg'])`.
 """
 from .backbone import ViTBackbone, default_out_indices
 from .checkpoint_hook import WeightsOnlyCheckpointHook

@@ -1,0 +1,40 @@
+"""The command-line flags every training script shares (pretrain/main_pretrain.py, tools/train_cls.py), declared once
+with the MAE reference's names and meanings (its main_pretrain.py, main_finetune.py and main_linprobe.py each
+repeat them)."""
+import argparse
+
+from .amp import AMP_MODES
+
+__all__ = ["add_batch_flags", "add_precision_flags", "add_run_flags"]
+
+
+def add_batch_flags(parser: argparse.ArgumentParser) -> None:
+    """How --batch_size (declared by each script: its default differs) adds up to the effective batch."""
+    parser.add_argument("--accum_iter", default=None, type=int,
+                        help="gradient accumulation iterations (default 1, or as --effective_batch_size needs)")
+    parser.add_argument("--effective_batch_size", default=None, type=int,
+                        help="choose accum_iter to reach this batch size over all GPUs (the presets do)")
+    parser.add_argument("--max_steps", default=None, type=int,
+                        help="stop after this many optimizer steps in all (smoke runs); the schedule is unchanged")
+
+
+def add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--amp", default="auto", choices=["auto", *AMP_MODES],
+                        help="autocast dtype: auto = bf16 on GPUs that compute in it (fp16 on older ones), none "
+                             "(fp32) elsewhere; fp16 adds a grad scaler")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, outputs: str, resume: str) -> None:
+    """Where a run writes (`outputs`: what lands in --output_dir), what it resumes from, and its loader."""
+    parser.add_argument("--output_dir", default="./output_dir", help=outputs)
+    parser.add_argument("--log_dir", default=None, help="TensorBoard logs (default: --output_dir)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help=resume)
+    parser.add_argument("--start_epoch", default=0, type=int, help="first epoch (resuming sets it)")
+    parser.add_argument("--save_every", default=20, type=int, help="save a checkpoint every N epochs (and the last)")
+    parser.add_argument("--log_every", default=20, type=int, help="log every N iterations")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", action="store_true", default=True, help="pin loader memory (CUDA only)")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
