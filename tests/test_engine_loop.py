@@ -23,8 +23,8 @@ def mse_step(model, batch):
     return torch.nn.functional.mse_loss(model(x), y), {"samples": len(x)}
 
 
-def _train(model, batches, *, accum_iter, batch_size, epochs=1, **kwargs):
-    opt = adamw(param_groups(model, 0.05), lr=0.1)
+def _train(model, batches, *, accum_iter, batch_size, epochs=1, sgd=False, **kwargs):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if sgd else adamw(param_groups(model, 0.05), lr=0.1)
     ipe = len(batches)
     sched = warmup_cosine(opt, epochs=epochs + 1, warmup_epochs=1, iters_per_epoch=ipe)
     results = []
@@ -37,10 +37,12 @@ def _train(model, batches, *, accum_iter, batch_size, epochs=1, **kwargs):
 def test_gradient_accumulation_equals_the_large_batch():
     big, x, y = _regression()
     small, _, _ = _regression()
-    _train(big, [(x[:8], y[:8]), (x[8:], y[8:])], accum_iter=1, batch_size=8, epochs=2)
+    # Plain SGD: its step is proportional to the gradient, so a micro-batch gradient left unscaled (twice the
+    # large-batch one) shows; AdamW's update is nearly scale-free and would hide it.
+    _train(big, [(x[:8], y[:8]), (x[8:], y[8:])], accum_iter=1, batch_size=8, epochs=2, sgd=True)
     # Same samples, in micro-batches of 4 accumulated in pairs: the same two optimizer steps per epoch.
     results = _train(small, [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)], accum_iter=2, batch_size=4,
-                     epochs=2)
+                     epochs=2, sgd=True)
     for a, b in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert results[-1].counts == {"samples": 16} and results[-1].iteration == 8

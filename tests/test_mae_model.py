@@ -6,7 +6,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
 from mae_transfer.models import (ARCHS, DECODERS, MaskedAutoencoderViT, create_model, mae_vit_base_patch16,
-                                 vit_tiny_patch16)
+                                 sincos_pos_embed_2d, vit_tiny_patch16)
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -125,3 +125,28 @@ def test_reference_sizes_and_builders():
 def test_attention_uses_sdpa():
     # timm's Attention dispatches to F.scaled_dot_product_attention (flash / mem-efficient kernels on GPU).
     assert all(blk.attn.fused_attn for blk in tiny_mae().blocks)
+
+
+def test_initialisation_follows_the_reference():
+    """reference.md: fixed 2-D sin-cos tables (checked by hand in test_pos_embed.py), xavier-uniform linears and
+    patch projection (as a linear on flattened patches), N(0, 0.02) tokens, LayerNorm 1/0, zero biases."""
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    assert torch.equal(model.pos_embed, sincos_pos_embed_2d(64, (8, 8)))
+    assert torch.equal(model.decoder_pos_embed, sincos_pos_embed_2d(32, (8, 8)))
+    proj = model.patch_embed.proj.weight.flatten(1)  # (64, 3 * 8 * 8)
+    bound = (6 / sum(proj.shape)) ** 0.5
+    assert proj.abs().max() <= bound and proj.abs().max() > 0.9 * bound  # U(-b, b) fills its range
+    fc1 = model.blocks[0].mlp.fc1.weight  # (256, 64)
+    assert fc1.abs().max() <= (6 / sum(fc1.shape)) ** 0.5
+    for token in (model.cls_token, model.mask_token):
+        assert token.abs().max() < 0.02 * 5 and token.std() > 0.01
+    tokens = torch.cat([model.cls_token.flatten(), model.mask_token.flatten()])
+    assert abs(tokens.std().item() - 0.02) < 0.004  # 96 draws of N(0, 0.02)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            assert torch.equal(module.weight, torch.ones_like(module.weight)), name
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
+        elif isinstance(module, nn.Linear) and module.bias is not None:
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name

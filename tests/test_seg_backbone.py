@@ -8,9 +8,10 @@ pytest.importorskip("mmseg")
 from mmseg.models.backbones import MAE  # noqa: E402
 from mmseg.models.necks import Feature2Pyramid  # noqa: E402
 
-from mae_transfer.checkpoints import CheckpointError, FORMATS, read_checkpoint  # noqa: E402
+from mae_transfer.checkpoints import CheckpointError, FORMATS, read_checkpoint, save_checkpoint  # noqa: E402
 from mae_transfer.models import create_model, resize_pos_embed  # noqa: E402
 from mae_transfer.seg import ViTBackbone, default_out_indices  # noqa: E402
+from mae_transfer.seg.relative_position import resize_relative_position_table  # noqa: E402
 
 # A small ViT: 4 blocks of width 64, 4 heads; trained on 64x64 crops (a 4x4 patch grid).
 SMALL = dict(arch="tiny", embed_dim=64, depth=4, num_heads=4, img_size=64, out_indices=(0, 1, 2, 3))
@@ -45,6 +46,42 @@ def test_every_level_at_any_input_size_with_one_model():
         assert [tuple(x.shape) for x in pyramid] == [(2, 64, 4 * gh, 4 * gw), (2, 64, 2 * gh, 2 * gw),
                                                      (2, 64, gh, gw), (2, 64, gh // 2, gw // 2)]
         assert all(torch.isfinite(x).all() for x in levels)
+
+
+def test_running_at_another_size_equals_loading_into_a_model_of_that_size(tmp_path):
+    """The two ways to use 64 px weights on 128 px images (resize at forward time; resize when loading into a model
+    built for 128 px) resize the position embedding and the relative position tables alike."""
+    torch.manual_seed(0)
+    trained = ViTBackbone(**SMALL).eval()
+    _randomize(trained)
+    path = tmp_path / "encoder.safetensors"
+    save_checkpoint(path, trained.vit.state_dict())
+    at_128 = ViTBackbone(**{**SMALL, "img_size": 128}).eval()
+    report = at_128.load_encoder(path)
+    assert not report.new and "blocks.0.rel_pos_bias.table" in report.loaded
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        for a, b in zip(trained(images), at_128(images)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_relative_position_table_resize_by_hand():
+    table = torch.randn(7 * 7 + 3, 2)  # a 4x4 grid: 7x7 offsets and the 3 cls entries, 2 heads
+    assert resize_relative_position_table(table, (4, 4), (4, 4)) is table
+    wider = resize_relative_position_table(table, (4, 4), (6, 4))
+    assert wider.shape == (11 * 7 + 3, 2)
+    assert torch.equal(wider[-3:], table[-3:])  # cls entries do not depend on the grid
+    constant = torch.full((7 * 7 + 3, 2), 0.5)
+    torch.testing.assert_close(resize_relative_position_table(constant, (4, 4), (9, 9)),
+                               torch.full((17 * 17 + 3, 2), 0.5))
+    # the zero offset (the centre of the plane) stays where it was: an odd-sized plane scaled about its centre
+    centre = torch.zeros(7 * 7 + 3, 1)
+    centre[3 * 7 + 3] = 1.0
+    resized = resize_relative_position_table(centre, (4, 4), (7, 7))[:-3].view(13, 13)
+    assert resized.argmax() == 6 * 13 + 6
+    torch.testing.assert_close(resized, resized.flip(0).flip(1), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="a 5x5 grid needs 84"):
+        resize_relative_position_table(table, (5, 5), (4, 4))
 
 
 def test_gradients_reach_relative_position_tables_at_another_size():

@@ -2,7 +2,7 @@
 
 The encoder is mae_transfer's one ViT (timm's VisionTransformer) with what the MAE segmentation recipe adds: a
 relative position bias per block (zero-initialised), layer scale and drop path. Unlike mmseg's own `MAE`, the
-absolute position embedding (timm's dynamic_img_size) and the relative position tables are resized at forward time,
+absolute position embedding and the relative position tables are resized at forward time (as when loading),
 so training crops and whole-image inference of any size run on one model; inputs that are not a multiple of the
 patch size are padded on the right and bottom (timm's dynamic_img_pad).
 
@@ -84,9 +84,15 @@ class ViTBackbone(BaseModule):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         vit = self.vit
-        x = vit.patch_embed(x)  # (B, h, w, C): dynamic_img_size keeps the grid until the position embedding
+        x = vit.patch_embed(x)  # (B, h, w, C): dynamic_img_size keeps the grid
         batch, h, w, channels = x.shape
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        # The position embedding resized as load_encoder resizes it (no antialiasing, as the MAE reference and mmseg),
+        # not as timm's dynamic_img_size does (antialiased: another bicubic kernel), so running this model at a size
+        # equals loading its weights into a model built for that size.
+        pos_embed = resize_pos_embed(vit.pos_embed, (h, w), vit.patch_embed.grid_size,
+                                     num_prefix_tokens=vit.num_prefix_tokens)
+        x = torch.cat([vit.cls_token.expand(batch, -1, -1), x.flatten(1, 2)], dim=1) + pos_embed
+        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
         outs = []
         for i, block in enumerate(vit.blocks):
             if self.with_cp and self.training:
