@@ -45,9 +45,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="which patches are removed: random (the paper's default), block or grid")
     parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=False,
                         help="targets are the pixels of each patch normalised by their mean and std")
-    parser.add_argument("--decoder_embed_dim", default=None, type=int, help="decoder width (model default: 512)")
-    parser.add_argument("--decoder_depth", default=None, type=int, help="decoder blocks (model default: 8)")
-    parser.add_argument("--decoder_num_heads", default=None, type=int, help="decoder heads (model default: 16)")
+    parser.add_argument("--decoder_embed_dim", default=None, type=int,
+                        help="decoder width (default: the model's, 512 for ViT-B/L/H as in the reference)")
+    parser.add_argument("--decoder_depth", default=None, type=int,
+                        help="decoder blocks (default: the model's, 8 for ViT-B/L/H)")
+    parser.add_argument("--decoder_num_heads", default=None, type=int,
+                        help="decoder heads (default: the model's, 16 for ViT-B/L/H)")
 
     # Optimizer and schedule
     parser.add_argument("--weight_decay", type=float, default=0.05)

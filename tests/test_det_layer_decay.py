@@ -24,6 +24,7 @@ def model():
     ("backbone.net.blocks.0.norm1.weight", 1),
     ("backbone.net.blocks.3.attn.rel_pos_h", 4),
     ("backbone.net.blocks.11.mlp.fc2.bias", 12),
+    ("backbone.net.blocks.2.residual.conv1.weight", 13),  # ViTDet's optional residual blocks: not pretrained
     ("backbone.simfp_2.0.weight", 13),
     ("proposal_generator.rpn_head.conv.conv0.weight", 13),
     ("roi_heads.box_predictor.cls_score.weight", 13),

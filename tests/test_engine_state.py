@@ -97,3 +97,15 @@ def test_resuming_into_another_model_names_the_saved_flags(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint-0\.pth: its model does not fit this run's \(it was saved "
                                               r"by a run with --model mae_vit_tiny_patch16 --input_size 64\)"):
         load_state(path, model=wider, optimizer=adamw(param_groups(wider, 0.05), lr=1e-2), precision=precision)
+
+
+def test_resuming_with_other_optimizer_groups_names_the_saved_flags(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    precision = Precision("none", torch.device("cpu"))
+    path = tmp_path / "checkpoint-2.pth"
+    save_state(path, model=model, optimizer=opt, precision=precision, epoch=2, iteration=6,
+               args={"mode": "partial", "partial_blocks": 2, "layer_decay": None}, write=True)
+    one_group = torch.optim.AdamW(model.parameters(), lr=1e-2)  # the saved optimizer has decay / no-decay groups
+    with pytest.raises(CheckpointError, match=r"checkpoint-2\.pth: its optimizer does not fit this run's \(it was "
+                                              r"saved by a run with --mode partial --partial_blocks 2\)"):
+        load_state(path, model=model, optimizer=one_group, precision=precision)

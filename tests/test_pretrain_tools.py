@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mae_transfer.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from mae_transfer.models import apply_masking, mae_vit_tiny_patch16, masking_noise
+from mae_transfer.models import MaskedAutoencoderViT, apply_masking, mae_vit_tiny_patch16, masking_noise
 from pretrain_helpers import ROOT, make_image_folder
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -37,6 +37,41 @@ def test_reconstruction_panels_paste_visible_patches_back(tmp_path):
     assert (pasted[removed] == recon[removed]).all()
     mean_colour = np.round(np.array([0.485, 0.456, 0.406]) * 255)
     assert (masked[removed] == mean_colour).all()  # removed patches are blank (zero after normalisation)
+
+
+def test_a_checkpoint_without_metadata_rebuilds_its_own_decoder(tmp_path):
+    """The reference's files record no head counts, which shape no tensor: a decoder of the wrong head count would
+    load silently. The tiny MAE's 128-wide decoder has 4 heads (the reference's 512-wide one 16)."""
+    original = _tiny_mae().eval()
+    path = tmp_path / "checkpoint-3.pth"
+    torch.save({"model": original.state_dict()}, path)
+    model = visualize_mae.build_model(read_checkpoint(path), norm_pix_loss=False)
+    assert model.decoder_blocks[0].attn.num_heads == original.decoder_blocks[0].attn.num_heads == 4
+    images = torch.randn(2, 3, 32, 32)
+    for key, panel in visualize_mae.reconstruct(model, images, 0.75, "random").items():
+        assert np.array_equal(panel, visualize_mae.reconstruct(original, images, 0.75, "random")[key]), key
+    odd = mae_vit_tiny_patch16(img_size=32, depth=2, decoder_embed_dim=96, decoder_num_heads=3)
+    torch.save({"model": odd.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="decoder width 96 is no known MAE size"):
+        visualize_mae.build_model(read_checkpoint(path), norm_pix_loss=False)
+
+
+def test_normalised_pixel_predictions_are_mapped_back_with_each_patch_statistics(tmp_path, monkeypatch):
+    """A model that predicts its norm_pix_loss targets exactly (reference.md: each patch's pixels minus their mean,
+    over sqrt(unbiased variance + 1e-6)) is drawn as the original image, to 8-bit rounding."""
+    model = _tiny_mae(norm_pix_loss=True).eval()
+    images = visualize_mae.load_images(make_image_folder(tmp_path / "img", 2), 32, limit=2)
+
+    def perfect(imgs, mask_ratio, noise):
+        _, _, mask = MaskedAutoencoderViT.forward(model, imgs, mask_ratio=mask_ratio, noise=noise)
+        patches = model.patchify(imgs)
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, unbiased=True, keepdim=True)
+        return None, (patches - mean) / (var + 1e-6) ** 0.5, mask
+
+    monkeypatch.setattr(model, "forward", perfect)
+    panels = visualize_mae.reconstruct(model, images, 0.75, "random")
+    error = np.abs(panels["reconstruction"].astype(int) - panels["original"].astype(int))
+    assert error.max() <= 1
 
 
 def test_visualize_cli_writes_a_grid_and_refuses_encoder_only(tmp_path):

@@ -198,3 +198,14 @@ def test_a_checkpoint_given_both_as_pretrained_and_in_init_cfg_is_refused_naming
     with pytest.raises(ValueError, match=r"given twice: pretrained='mine.pth'.*'theirs.pth'.*"
                                          r"model\.pretrained=PATH"):
         ViTBackbone(**SMALL, pretrained="mine.pth", init_cfg=dict(type="Pretrained", checkpoint="theirs.pth"))
+
+
+def test_a_relative_position_table_of_no_grid_is_refused_by_name(tmp_path):
+    backbone = ViTBackbone(**SMALL)
+    state = backbone.vit.state_dict()
+    state["blocks.2.rel_pos_bias.table"] = torch.zeros(50, 4)  # 47 offsets: no (2h-1)(2w-1) of a square grid
+    path = tmp_path / "odd.safetensors"
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors: blocks\.2\.rel_pos_bias\.table: a relative "
+                                              r"position table of 50 rows fits neither the backbone's 4x4 grid"):
+        backbone.load_encoder(path)

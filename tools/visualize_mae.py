@@ -23,7 +23,7 @@ from torchvision import transforms
 
 from mae_transfer.checkpoints import Checkpoint, CheckpointError, load_into, read_checkpoint
 from mae_transfer.data.images import list_images
-from mae_transfer.models import DECODERS, MASKING_STRATEGIES, MaskedAutoencoderViT, masking_noise
+from mae_transfer.models import MASKING_STRATEGIES, MaskedAutoencoderViT, masking_noise
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
@@ -35,14 +35,16 @@ def build_model(ckpt: Checkpoint, norm_pix_loss: bool) -> MaskedAutoencoderViT:
             "use mae_full.safetensors or checkpoint-N.pth from pretraining, or the reference's "
             "mae_visualize_vit_*.pth / mae_pretrain_vit_*_full.pth")
     arch = ckpt.arch()
-    if arch["num_heads"] is None:
-        raise CheckpointError(f"{ckpt.path}: width {arch['embed_dim']} is no known ViT size and the file does not "
-                              "record num_heads")
+    # Head counts shape no tensor, so a wrong one would load silently and reconstruct garbage: refuse to guess.
+    if arch["num_heads"] is None or ckpt.decoder_num_heads is None:
+        raise CheckpointError(f"{ckpt.path}: encoder width {arch['embed_dim']} / decoder width "
+                              f"{arch['decoder_embed_dim']} is no known MAE size and the file records no num_heads / "
+                              "decoder_num_heads")
     model = MaskedAutoencoderViT(
         img_size=arch["img_size"], patch_size=arch["patch_size"], in_chans=arch["in_chans"],
         embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"],
         decoder_embed_dim=arch["decoder_embed_dim"], decoder_depth=arch["decoder_depth"],
-        decoder_num_heads=ckpt.meta.get("decoder_num_heads", DECODERS["base"]["decoder_num_heads"]),
+        decoder_num_heads=ckpt.decoder_num_heads,
         norm_pix_loss=norm_pix_loss)
     load_into(model, ckpt.state_dict, dropped=(), source=str(ckpt.path))
     return model.eval()

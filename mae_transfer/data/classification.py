@@ -43,18 +43,16 @@ class ListedImages(ImageFolderDataset):
     """Images with integer labels listed in an annotation file, read like ImageFolderDataset reads a folder
     (per-sample seeded transforms; an unreadable file is reported and replaced by the next readable one).
 
-    `origins[i]` says where sample i was listed (file and line or entry), for error messages.
+    `origins[i]` says where sample i was listed (file and line or entry), for messages about it.
     """
 
     def __init__(self, root: Path, files: Sequence[Path], labels: Sequence[int], origins: Sequence[str],
                  classes: Sequence[str], transform: Optional[Callable] = None, seed: Optional[int] = None):
-        # The listing comes from the annotation file, not from walking `root`.
-        self.root = Path(root)
-        self.files, self.labels, self.classes = list(files), list(labels), list(classes)
+        super().__init__(root, transform, seed, listing=(files, labels, classes))
         self.origins = list(origins)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
+
+    def describe(self, index: int) -> str:
+        return f"{self.files[index]} (listed at {self.origins[index]})"
 
 
 def _check_images_exist(files: Sequence[Path], origins: Sequence[str], limit: int = 5) -> None:

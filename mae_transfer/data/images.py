@@ -11,7 +11,7 @@ Three properties matter on long runs:
 import logging
 import os
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,11 +62,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ImageFolderDataset(Dataset):
-    """Images under `root` (see `list_images`), decoded to RGB and passed through `transform`."""
+    """Images under `root` (see `list_images`), decoded to RGB and passed through `transform`.
 
-    def __init__(self, root: Path, transform: Optional[Callable] = None, seed: Optional[int] = None):
+    `listing`: (files, labels, class names) to read instead of walking `root`, for datasets listed in an
+    annotation file.
+    """
+
+    def __init__(self, root: Path, transform: Optional[Callable] = None, seed: Optional[int] = None,
+                 listing: Optional[Tuple[Sequence[Path], Sequence[int], Sequence[str]]] = None):
         self.root = Path(root)
-        self.files, self.labels, self.classes = list_images(self.root)
+        files, labels, classes = list_images(self.root) if listing is None else listing
+        self.files, self.labels, self.classes = list(files), list(labels), list(classes)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -78,6 +84,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def describe(self, index: int) -> str:
+        """Sample `index` for a message: its file."""
+        return str(self.files[index])
+
     def _load(self, index: int) -> Tuple[Image.Image, int, int]:
         """The image at `index`, or the next readable one after it; also returns its index and the skip count."""
         for skipped in range(len(self.files)):
@@ -86,7 +96,7 @@ class ImageFolderDataset(Dataset):
                 with open(self.files[i], "rb") as f:
                     return Image.open(f).convert("RGB"), i, skipped
             except Exception as err:  # any decoding failure (PIL raises OSError, ValueError, SyntaxError...)
-                logger.warning("skipping unreadable image %s: %s: %s", self.files[i], type(err).__name__, err)
+                logger.warning("skipping unreadable image %s: %s: %s", self.describe(i), type(err).__name__, err)
         raise RuntimeError(f"none of the {len(self.files)} images under {self.root} could be read")
 
     def __getitem__(self, index: int) -> Sample:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["DistInfo", "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
-           "data_parallel", "all_reduce", "all_gather_object", "barrier", "seed_everything", "cleanup"]
+           "data_parallel", "all_reduce", "all_gather_object", "seed_everything", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,6 @@ def all_gather_object(obj: Any) -> List[Any]:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def seed_everything(seed: int) -> None:

@@ -99,7 +99,6 @@ def train_one_epoch(model: nn.Module, step_fn: StepFn, loader: Iterable, optimiz
     pending: List[torch.Tensor] = []
     pending_start = first
     loss_sum, loss_n = 0.0, 0
-    images_per_s = 0.0
     t_epoch = t_log = time.perf_counter()
     done = 0
     stopped = False

@@ -9,7 +9,7 @@ import argparse
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,15 +78,21 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     missing = [k for k in ("model", "optimizer", "epoch", "iteration", "rng") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a training state saved by mae-transfer (missing {', '.join(missing)})")
-    try:
+    saved = state.get("args", {})
+
+    def mismatch(what: str, flags: Sequence[str], err: Exception) -> CheckpointError:
+        given = " ".join(f"--{k} {saved[k]}" for k in flags if saved.get(k) is not None)
+        return CheckpointError(f"{path}: its {what} does not fit this run's (it was saved by a run with "
+                               f"{given or 'other flags'}); resume with the flags the run was started with.\n{err}")
+
+    try:  # torch lists every mismatched key or group; say first what went wrong
         model.load_state_dict(state["model"])
-    except RuntimeError as err:  # torch lists every mismatched key; say first what went wrong
-        saved = state.get("args", {})
-        flags = " ".join(f"--{k} {saved[k]}" for k in ("model", "input_size", "nb_classes") if saved.get(k))
-        raise CheckpointError(f"{path}: its model does not fit this run's (it was saved by a run with "
-                              f"{flags or 'other flags'}); resume with the flags the run was started with.\n"
-                              f"{err}") from None
-    optimizer.load_state_dict(state["optimizer"])
+    except RuntimeError as err:
+        raise mismatch("model", ("model", "input_size", "nb_classes"), err) from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # the parameter groups differ: another fine-tuning mode or layer decay
+        raise mismatch("optimizer", ("mode", "partial_blocks", "layer_decay", "weight_decay"), err) from None
     precision.load_state_dict(state.get("scaler", {}))
     if len(state["rng"]) == get_world_size():
         set_rng_state(state["rng"][get_rank()])
@@ -108,6 +114,9 @@ def resume(args: argparse.Namespace, *, model: nn.Module, optimizer: torch.optim
            precision: Precision) -> Optional[Path]:
     """The --resume flag, as the reference's misc.load_model: restore the checkpoint `args.resume` names (a file,
     or a directory's latest checkpoint), set `args.start_epoch` to the epoch after it and say so.
+
+    Checkpoints are taken at the end of an epoch and the schedule's position is a fraction of the run's epochs, so a
+    run may resume on another number of GPUs (with --effective_batch_size, the recipe's batch is kept).
 
     Returns the checkpoint restored, or None when `args.resume` is empty or a directory with no checkpoint yet, so a
     job that is always launched with --resume OUTPUT_DIR starts fresh the first time.

@@ -54,10 +54,7 @@ class VisionTransformer(timm_vit.VisionTransformer):
         `noise` (N, L) fixes which patches are kept (lowest first); without it one is drawn by `masking`.
         Returns (latent (N, 1 + len_keep, D) with the cls token first, mask (N, L) 1 = removed, ids_restore (N, L)).
         """
-        x = self.patch_embed(imgs)
-        if x.ndim == 4:  # dynamic_img_size keeps NHWC until the position embedding is added
-            x = x.flatten(1, 2)
-        x = x + self.pos_embed[:, self.num_prefix_tokens:]
+        x = self.patch_embed(imgs) + self.pos_embed[:, self.num_prefix_tokens:]
         if noise is None:
             noise = masking_noise(masking, x.shape[0], self.grid_size, mask_ratio, device=x.device)
         x, mask, ids_restore = apply_masking(x, mask_ratio, noise)

@@ -137,17 +137,19 @@ class ViTBackbone(BaseModule):
                                                        num_prefix_tokens=self.vit.num_prefix_tokens)
         for name, table in state_dict.items():
             if name.endswith("rel_pos_bias.table"):
-                state_dict[name] = resize_relative_position_table(table, _table_grid(table, grid), grid)
+                trained_on = _table_grid(table, grid, where=f"{path}: {name}")
+                state_dict[name] = resize_relative_position_table(table, trained_on, grid)
         return load_into(self.vit, state_dict, new=["blocks.*.rel_pos_bias.table", "blocks.*.ls?.gamma"],
                          dropped=["norm.*", *(k + "*" for k in DECODER_KEYS + HEAD_KEYS)], source=str(path))
 
 
-def _table_grid(table: torch.Tensor, grid: Sequence[int]) -> Tuple[int, int]:
+def _table_grid(table: torch.Tensor, grid: Sequence[int], where: str) -> Tuple[int, int]:
     """The grid a checkpoint's relative position table was trained on: `grid` if the table fits it, else square."""
     offsets = table.shape[0] - 3
     if offsets == (2 * grid[0] - 1) * (2 * grid[1] - 1):
         return tuple(grid)
     side = (round(offsets ** 0.5) + 1) // 2
     if (2 * side - 1) ** 2 != offsets:
-        raise CheckpointError(f"a relative position table of {table.shape[0]} rows fits no square grid")
+        raise CheckpointError(f"{where}: a relative position table of {table.shape[0]} rows fits neither the "
+                              f"backbone's {grid[0]}x{grid[1]} grid nor any square one")
     return side, side
