@@ -1,5 +1,6 @@
 import argparse
 import os
+import stat
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 import mae_transfer.checkpoints.io as ckpt_io
 from mae_transfer.checkpoints import (CheckpointError, load_into, read_checkpoint, save_checkpoint,
                                       save_training_state, load_training_state)
+from mae_transfer.checkpoints.convert import convert, write
 from mae_transfer.models import MaskedAutoencoderViT, vit_tiny_patch16
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
@@ -98,6 +100,33 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         save_checkpoint(path, {"w": torch.zeros(3)})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_written_files_and_directories_get_the_modes_the_umask_gives(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        sd = MaskedAutoencoderViT(**TINY).state_dict()
+        ours = save_checkpoint(tmp_path / "ours.safetensors", sd, {"num_heads": 2, "decoder_num_heads": 2})
+        save_training_state(tmp_path / "state.pth", {"model": sd})
+        hf_dir = write(convert(read_checkpoint(ours), "hf"), tmp_path / "hf")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    assert modes == {"ours.safetensors": file_mode, "state.pth": file_mode, "hf": dir_mode,
+                     "hf/config.json": file_mode, "hf/model.safetensors": file_mode}
+    assert hf_dir == tmp_path / "hf"
+
+
+def test_incomplete_checkpoint_names_the_file_and_the_missing_tensor(tmp_path):
+    sd = MaskedAutoencoderViT(**TINY).state_dict()
+    del sd["decoder_embed.weight"]  # the decoder's mask_token is there, so this is a full checkpoint, cut short
+    path = save_checkpoint(tmp_path / "partial.safetensors", sd)
+    ckpt = read_checkpoint(path)
+    for describe in (ckpt.arch, lambda: ckpt.decoder_num_heads):
+        with pytest.raises(CheckpointError) as error:
+            describe()
+        assert str(error.value) == f"{path}: incomplete full checkpoint: no decoder_embed.weight"
 
 
 def test_training_state_roundtrip(tmp_path):

@@ -5,10 +5,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from mae_transfer.data.classification import (DatasetFormatError, build_dataset, classification_transform,
                                               read_inaturalist, read_split_list)
+
+
+# ImageNet's channel statistics: reference.md's detection pixel mean and std (0-255 scale) divided by 255
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _image(path, value=128, size=20):
@@ -50,6 +57,16 @@ def test_inaturalist_maps_sparse_category_ids_to_contiguous_labels(tmp_path):
 
     via_name = build_dataset("inat2018", tmp_path, "train")
     assert via_name.labels == dataset.labels and len(via_name.classes) == 3
+
+
+def test_an_unreadable_listed_image_is_skipped_naming_its_annotation_entry(tmp_path, caplog):
+    path = _inat(tmp_path)
+    (tmp_path / "train_val2018/Animalia/3/1.jpg").write_bytes(b"not a jpeg")
+    dataset = read_inaturalist(path, tmp_path)
+    with caplog.at_level("WARNING"):
+        image, label, unreadable = dataset[1]
+    assert (label, unreadable) == (1, 1) and image.getpixel((0, 0)) == (80, 80, 80)  # the next image, index 2
+    assert f"{tmp_path / 'train_val2018/Animalia/3/1.jpg'} (listed at {path}: images[1] (id 101))" in caplog.text
 
 
 def test_inaturalist_class_count_includes_categories_without_images(tmp_path):
@@ -136,16 +153,35 @@ def test_eval_transform_is_the_references_resize_and_centre_crop():
         reference = transforms.Compose([  # the MAE reference's build_transform(is_train=False)
             transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(size), transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         torch.testing.assert_close(classification_transform(False, size)(image), reference(image))
 
 
 def test_train_transforms_follow_the_protocol():
-    finetune = repr(classification_transform(True, 64, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25))
-    assert "RandAugment" in finetune and "RandomErasing" in finetune and "bicubic" in finetune
-    linprobe = repr(classification_transform(True, 64))
-    assert "RandAugment" not in linprobe and "RandomErasing" not in linprobe and "ColorJitter" not in linprobe
-    assert "RandomResizedCrop" in linprobe and "RandomHorizontalFlip" in linprobe
+    # inside the wrapper that seeds `random` and NumPy per sample: the steps timm's create_transform built
+    crop, flip, randaugment, to_tensor, normalize, erasing = classification_transform(
+        True, 64, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25).transform.transforms
+    # the reference keeps RandomResizedCrop's own defaults for classification (scale 0.08-1, ratio 3/4-4/3), bicubic
+    assert (crop.size, crop.scale, crop.interpolation) == ((64, 64), (0.08, 1.0), InterpolationMode.BICUBIC)
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert isinstance(flip, transforms.RandomHorizontalFlip) and flip.p == 0.5
+    # rand-m9-mstd0.5-inc1: 2 ops per image at magnitude 9 (std 0.5), the variants that grow with the magnitude
+    assert isinstance(randaugment, RandAugment) and randaugment.num_layers == 2
+    assert {(op.magnitude, op.magnitude_std) for op in randaugment.ops} == {(9, 0.5)}
+    names = {op.name for op in randaugment.ops}
+    assert {"PosterizeIncreasing", "SolarizeIncreasing"} <= names and not names & {"Posterize", "Solarize"}
+    assert isinstance(erasing, RandomErasing)
+    assert (erasing.probability, erasing.mode, erasing.min_count, erasing.max_count) == (0.25, "pixel", 1, 1)
+    assert isinstance(normalize, transforms.Normalize)
+    torch.testing.assert_close(torch.as_tensor(normalize.mean), torch.tensor(IMAGENET_MEAN))
+    torch.testing.assert_close(torch.as_tensor(normalize.std), torch.tensor(IMAGENET_STD))
+
+    # linear probing (main_linprobe.py): the same crop and flip, then only tensor and normalisation
+    probe = classification_transform(True, 64).transform.transforms
+    assert [type(step) for step in probe] == [type(crop), type(flip), type(to_tensor), type(normalize)]
+    assert (probe[0].scale, probe[0].interpolation, probe[1].p) == ((0.08, 1.0), InterpolationMode.BICUBIC, 0.5)
+    torch.testing.assert_close(torch.as_tensor(probe[3].mean), torch.tensor(IMAGENET_MEAN))
+    torch.testing.assert_close(torch.as_tensor(probe[3].std), torch.tensor(IMAGENET_STD))
 
 
 def _randaugment_ops(transform, name):

@@ -1,11 +1,13 @@
 """tools/convert_checkpoint.py on bad input: a clear error naming the problem, and nothing written."""
 import os
+from fnmatch import fnmatchcase
 
 import pytest
 import torch
 
 import mae_transfer.checkpoints.convert as convert_module
 from convert_helpers import listing, load_tool, tiny_mae
+from mae_transfer.checkpoints import save_checkpoint
 from mae_transfer.models import vit_tiny_patch16
 
 convert_tool = load_tool("convert_checkpoint")
@@ -91,3 +93,18 @@ def test_a_failed_write_leaves_nothing_behind(sources, capsys, monkeypatch, to, 
 
     monkeypatch.setattr(convert_module, "save_file", disk_full)
     fails(capsys, sources, sources / "full.pth", sources / dst, "--to", to, match="No space left on device")
+
+
+@pytest.mark.parametrize("missing, key", [
+    ("blocks.*", "blocks.* tensors"),
+    ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.weight"),
+    ("decoder_embed.weight", "decoder_embed.weight"),  # mask_token is there: the decoder is expected
+    ("decoder_blocks.*", "decoder_blocks.* tensors"),
+    ("decoder_blocks.0.mlp.fc1.weight", "decoder_blocks.0.mlp.fc1.weight"),  # needed for the HF config only
+])
+def test_an_incomplete_checkpoint_names_the_file_and_the_missing_tensor(tmp_path, capsys, missing, key):
+    # Ours (with metadata) is read without layout detection, so even one without blocks reaches the conversion.
+    sd = {k: v for k, v in tiny_mae().state_dict().items() if not fnmatchcase(k, missing)}
+    save_checkpoint(tmp_path / "partial.safetensors", sd, {"model": "tiny"})
+    fails(capsys, tmp_path, tmp_path / "partial.safetensors", tmp_path / "out", "--to", "hf",
+          match=f"partial.safetensors: incomplete full checkpoint: no {key}")

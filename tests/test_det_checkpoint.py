@@ -9,6 +9,7 @@ from detectron2.config import LazyConfig, instantiate
 from timm.layers import resample_patch_embed
 
 from mae_transfer.checkpoints import CheckpointError, read_checkpoint
+from mae_transfer.checkpoints.convert import convert, write
 from mae_transfer.det import ViTDetCheckpointer, load_encoder
 from mae_transfer.models import mae_vit_tiny_patch16, vit_small_patch16, vit_tiny_patch16
 
@@ -104,3 +105,45 @@ def test_matching_heuristics_are_refused(detector_cfg, tmp_path):
     path = _save_reference(tmp_path / "mae_pretrain_vit_tiny.pth", encoder)
     with pytest.raises(CheckpointError, match=r"exact names.*drop the '\?matching_heuristics=True'"):
         ViTDetCheckpointer(instantiate(detector_cfg.model)).load(f"{path}?matching_heuristics=True")
+
+
+def test_a_huggingface_vitmae_directory_loads_as_an_encoder(detector_cfg, tmp_path):
+    encoder = vit_tiny_patch16(img_size=64, depth=DEPTH).state_dict()
+    source = read_checkpoint(_save_reference(tmp_path / "mae_pretrain_vit_tiny.pth", encoder))
+    hf_dir = write(convert(source, "hf", encoder_only=True), tmp_path / "vit-mae-tiny")  # a ViTMAEModel folder
+    model = instantiate(detector_cfg.model)
+    assert ViTDetCheckpointer(model).load(str(hf_dir)) == {}
+    model_sd = model.state_dict()
+    for k in ("blocks.1.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "patch_embed.proj.weight", "pos_embed"):
+        assert torch.equal(model_sd["backbone.net." + k], encoder[k]), k
+
+
+def test_a_missing_checkpoint_is_named_with_where_it_came_from(detector_cfg, tmp_path):
+    model = instantiate(detector_cfg.model)
+    with pytest.raises(FileNotFoundError) as error:
+        ViTDetCheckpointer(model).load(str(tmp_path / "mae_pretrain_vit_tiny.pth"))
+    assert str(error.value) == f"checkpoint not found: {tmp_path / 'mae_pretrain_vit_tiny.pth'} " \
+                               "(given as train.init_checkpoint)"
+
+    (tmp_path / "last_checkpoint").write_text("model_0000099.pth")  # its checkpoint was deleted since
+    with pytest.raises(FileNotFoundError) as error:
+        ViTDetCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert str(error.value) == f"checkpoint not found: {tmp_path / 'model_0000099.pth'} (--resume's checkpoint, " \
+                               f"named in {tmp_path / 'last_checkpoint'})"
+
+
+def test_an_interrupted_tag_keeps_the_last_checkpoint_name(detector_cfg, tmp_path, monkeypatch):
+    checkpointer = ViTDetCheckpointer(instantiate(detector_cfg.model), str(tmp_path))
+    checkpointer.save("model_0000009")
+    assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000009.pth")
+
+    def torn_write(self, text):
+        with open(self, "w") as f:
+            f.write(text[:3])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn_write)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpointer.tag_last_checkpoint("model_0000019.pth")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000009.pth"]

@@ -48,6 +48,37 @@ def test_gradient_accumulation_equals_the_large_batch():
     assert results[-1].counts == {"samples": 16} and results[-1].iteration == 8
 
 
+class _TwoParameters(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+
+
+def _linear_step(model, g):
+    """loss = g . (a, b), whose gradient is g itself."""
+    return g[0] * model.a.sum() + g[1] * model.b.sum(), {}
+
+
+@pytest.mark.parametrize("batches, accum_iter, clip, update", [
+    # ||g|| = 5 over both parameters together: g * 2 / 5 (clipping each parameter alone would give (2, 2))
+    ([(3.0, 4.0)], 1, 2.0, (1.2, 1.6)),
+    ([(3.0, 4.0)], 1, 10.0, (3.0, 4.0)),  # under the limit: untouched
+    # micro-batch gradients (3, 0) and (0, 4) after the 1/accum_iter scaling: clipped once, as their sum (3, 4)
+    # (clipping each would give (2, 2))
+    ([(6.0, 0.0), (0.0, 8.0)], 2, 2.0, (1.2, 1.6)),
+    # the averaged gradient's norm, 5, is under 7.5; the unaveraged sum's, 10, is not
+    ([(6.0, 0.0), (0.0, 8.0)], 2, 7.5, (3.0, 4.0)),
+])
+def test_clip_grad_clips_the_accumulated_gradient_norm(batches, accum_iter, clip, update):
+    model = _TwoParameters()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is exactly -gradient
+    constant_lr = type("ConstantLR", (), {"step_update": lambda self, iteration: None})()
+    train_one_epoch(model, _linear_step, [torch.tensor(g) for g in batches], opt, constant_lr,
+                    Precision("none", CPU), epoch=0, iters_per_epoch=len(batches), batch_size=1,
+                    accum_iter=accum_iter, clip_grad=clip)
+    torch.testing.assert_close(torch.cat([model.a, model.b]).detach(), -torch.tensor(update))
+
+
 def test_non_finite_loss_names_its_step_even_between_logging_steps():
     model, x, y = _regression()
     y = y.clone()

@@ -4,10 +4,26 @@ from functools import partial
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, list_images, pretrain_transform
 from mae_transfer.models import masking_noise
 from pretrain_helpers import make_image_folder
+
+
+def test_pretrain_transform_is_the_references_crop_flip_and_normalisation():
+    steps = pretrain_transform(32).transforms
+    assert [type(step) for step in steps] == [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip,
+                                              transforms.ToTensor, transforms.Normalize]  # no colour augmentation
+    crop, flip, _, normalize = steps
+    # reference.md: RandomResizedCrop(scale 0.2-1.0, bicubic), the aspect ratio left at its default 3/4-4/3
+    assert (crop.size, crop.scale, crop.interpolation) == ((32, 32), (0.2, 1.0), InterpolationMode.BICUBIC)
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert flip.p == 0.5
+    # ImageNet's statistics: reference.md's detection pixel mean and std (0-255 scale) divided by 255
+    assert normalize.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert normalize.std == pytest.approx((0.229, 0.224, 0.225))
 
 
 def test_folders_with_and_without_class_subfolders(tmp_path):

@@ -88,10 +88,19 @@ def test_tiny_training_lowers_the_loss_then_evaluates_and_resumes(world, tmp_pat
     assert all(set(v) == {"IoU", "Acc"} for v in report["per_class"].values())
 
     # --resume continues from the last iteration (optimizer, schedule and message hub restored)
+    def scalars():  # in one process mmengine's visualizer lives on, so the second run appends to the first's file
+        return [json.loads(line) for path in sorted(work_dir.glob("*/vis_data/scalars.json"))
+                for line in path.read_text().splitlines()]
+    first_run = len(scalars())
     _tool("train_seg").main([str(CONFIG), "--work-dir", str(work_dir), "--data-root", str(world), "--resume",
                              "--cfg-options", *options, f"train_cfg.max_iters={ITERS + 2}",
                              f"param_scheduler.1.end={ITERS + 2}", "train_cfg.val_interval=100"])
-    assert (work_dir / f"iter_{ITERS + 2}.pth").is_file()
+    resumed = scalars()[first_run:]
+    assert [entry["iter"] for entry in resumed if "loss" in entry] == [ITERS + 1, ITERS + 2]
+    state = torch.load(work_dir / f"iter_{ITERS + 2}.pth", weights_only=True)
+    assert state["meta"]["iter"] == ITERS + 2
+    # AdamW's step counts went on from the restored optimizer state: a fresh optimizer would be at 2
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {ITERS + 2}
 
 
 def test_ground_truth_as_prediction_gives_miou_100(world):

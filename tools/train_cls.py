@@ -148,6 +148,31 @@ def build_criterion(args: argparse.Namespace, mixup: Optional[Mixup]) -> torch.n
     return torch.nn.CrossEntropyLoss()
 
 
+def update_best(best: Dict[str, Any], metrics: Dict[str, Any], epoch: int) -> Dict[str, Any]:
+    """The best validation metrics so far: the highest top-1, the earliest epoch among equals."""
+    return {**metrics, "epoch": epoch} if not best or metrics["top1"] > best["top1"] else best
+
+
+def best_before(log_path: Path, start_epoch: int) -> Dict[str, Any]:
+    """The best validation metrics of the epochs before `start_epoch`, from the epoch records of the run's log, so
+    that a resumed run's metrics.json covers the whole run. An epoch logged twice (run again after resuming from an
+    older checkpoint) counts by its last record; a run killed mid-write can leave a broken line, which is skipped."""
+    if not log_path.is_file():
+        return {}
+    logged: Dict[int, Dict[str, Any]] = {}
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "epoch" and record["epoch"] < start_epoch:
+            logged[record["epoch"]] = {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
+    best: Dict[str, Any] = {}
+    for epoch in sorted(logged):
+        best = update_best(best, logged[epoch], epoch)
+    return best
+
+
 def write_json(path: Path, record: Dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -263,6 +288,8 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
     log = RunLog(output_dir / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
     max_iterations = args.max_steps * plan.accum_iter if args.max_steps is not None else None
     best: Dict[str, Any] = {}
+    if last_checkpoint is not None and dist.is_main:  # the log beside a checkpoint is the run's that wrote it
+        best = best_before(last_checkpoint.parent / "log.jsonl", args.start_epoch)
     metrics: Dict[str, Any] = {}
     epoch = args.start_epoch - 1
     start = time.perf_counter()
@@ -280,8 +307,7 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
         metrics = evaluate(model_without_ddp, val_loader, precision, sharded=args.dist_eval,
                            show_progress=dist.is_main) if args.dist_eval or dist.is_main else {}
         if dist.is_main:
-            if not best or metrics["top1"] > best["top1"]:
-                best = {**metrics, "epoch": epoch}
+            best = update_best(best, metrics, epoch)
             log.write("epoch", result.iteration, {"epoch": epoch, "train_loss": result.loss, "lr": result.lr,
                                                   "images_per_s": result.images_per_s, **result.counts,
                                                   **{f"val_{k}": v for k, v in metrics.items()}})

@@ -4,9 +4,9 @@ from typing import Any, Dict
 
 import torch
 
-from .formats import FORMATS, Checkpoint, Format, detect_format, read_checkpoint, register
-from .io import (CheckpointError, atomic_path, load_training_state, read_file, save_training_state,
-                 save_weights)
+from .formats import FORMATS, Checkpoint, Format, detect_format, parse_checkpoint, read_checkpoint, register
+from .io import (CheckpointError, atomic_directory, atomic_path, load_training_state, read_file,
+                 save_training_state, save_weights)
 from .load import LoadReport, load_into, summarize_keys
 
 
@@ -15,6 +15,6 @@ def save_checkpoint(path, state_dict: Dict[str, torch.Tensor], meta: Dict[str, A
     return save_weights(path, state_dict, {"format_version": 1, **(meta or {})})
 
 
-__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "Format", "LoadReport", "atomic_path", "detect_format",
-           "load_into", "load_training_state", "read_checkpoint", "read_file", "register", "save_checkpoint",
-           "save_training_state", "summarize_keys"]
+__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "Format", "LoadReport", "atomic_directory", "atomic_path",
+           "detect_format", "load_into", "load_training_state", "parse_checkpoint", "read_checkpoint", "read_file",
+           "register", "save_checkpoint", "save_training_state", "summarize_keys"]

@@ -17,9 +17,6 @@ Resizing for another resolution or patch size (`resize`):
 """
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -30,7 +27,7 @@ from safetensors.torch import save_file
 
 from .formats import FORMATS, HEAD_KEYS, Checkpoint
 from .formats import hf
-from .io import CheckpointError, atomic_path
+from .io import CheckpointError, atomic_directory, atomic_path
 from .load import summarize_keys
 from ..models.mae import DECODER_KEYS
 from ..models.pos_embed import resample_patch_embed, resize_pos_embed, sincos_pos_embed_2d
@@ -223,27 +220,14 @@ def _plain(state_dict: StateDict) -> StateDict:
     return out
 
 
-def _write_directory(path: Path, conversion: Conversion) -> None:
-    """config.json + model.safetensors into a fresh temporary directory, then one rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        (tmp / hf.CONFIG_NAME).write_text(json.dumps(conversion.config, indent=2, sort_keys=True) + "\n")
-        save_file(_plain(conversion.state_dict), str(tmp / hf.WEIGHTS_NAME), metadata={"format": "pt"})
-        for name in (hf.CONFIG_NAME, hf.WEIGHTS_NAME):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        os.rename(tmp, path)  # never merges into a directory that appeared meanwhile: fails instead
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write(conversion: Conversion, dst) -> Path:
     """Store a conversion at `dst` atomically: it appears complete or not at all."""
     target = conversion.target
     dst = check_destination(target.format, dst)
     if target.is_directory:
-        _write_directory(dst, conversion)
+        with atomic_directory(dst) as tmp:
+            (tmp / hf.CONFIG_NAME).write_text(json.dumps(conversion.config, indent=2, sort_keys=True) + "\n")
+            save_file(_plain(conversion.state_dict), str(tmp / hf.WEIGHTS_NAME), metadata={"format": "pt"})
     elif dst.suffix == ".safetensors":
         with atomic_path(dst) as tmp:
             save_file(_plain(conversion.state_dict), str(tmp), metadata={"format": "pt"})

@@ -7,7 +7,8 @@ import argparse
 import json
 import os
 import pickle
-import tempfile
+import secrets
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Tuple
@@ -16,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "atomic_path", "read_file", "save_weights", "save_training_state",
+__all__ = ["CheckpointError", "atomic_directory", "atomic_path", "read_file", "save_weights", "save_training_state",
            "load_training_state", "METADATA_KEY"]
 
 METADATA_KEY = "mae_transfer"
@@ -29,14 +30,20 @@ class CheckpointError(ValueError):
     """A file that is not a usable checkpoint, or a checkpoint that does not fit a model."""
 
 
+def _temporary_sibling(path: Path) -> Path:
+    """A fresh hidden name beside `path` (same filesystem, so the final rename is atomic)."""
+    return path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+
+
 @contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it vanishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _temporary_sibling(path)
+    # Not tempfile.mkstemp: its 0o600 would survive the rename. Created as open() creates files (0o666 less the
+    # umask); O_EXCL claims the name.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -44,6 +51,25 @@ def atomic_path(path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_directory(path) -> Iterator[Path]:
+    """Yield a new empty directory beside `path`; on success its files are synced and it is renamed to `path`, on
+    failure it vanishes. The rename fails rather than merge into a non-empty directory that appeared meanwhile."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    tmp.mkdir()  # not tempfile.mkdtemp, whose 0o700 would survive the rename: 0o777 less the umask, as mkdir gives
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_safetensors(path: Path) -> bool:

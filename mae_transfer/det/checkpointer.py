@@ -3,24 +3,25 @@
 detectron2 loads an MAE encoder with `?matching_heuristics=True`: keys are matched by suffix, which maps the
 encoder's final norm onto pyramid norms and floods the log with missing/unexpected keys (detectron2 issues 4641,
 4566). Here every tensor has one place, decided by the 'detectron2' checkpoint format, and one report says what
-was loaded, what is new and what was dropped. The checkpointer accepts two kinds of file:
+was loaded, what is new and what was dropped. The checkpointer accepts two kinds of checkpoint:
 
-- an encoder in any format that mae_transfer.checkpoints recognises (MAE reference, timm, ours, ...) for
-  `train.init_checkpoint`: its tensors go under backbone.net, with the patch embedding resampled (ViT-H/14 -> 16)
-  and the position-embedding grid resized where the model's differ;
+- an encoder in any format that mae_transfer.checkpoints recognises (MAE reference, timm, ours, a HuggingFace
+  ViTMAE directory, ...) for `train.init_checkpoint`: its tensors go under backbone.net, with the patch embedding
+  resampled (ViT-H/14 -> 16) and the position-embedding grid resized where the model's differ;
 - a checkpoint of the whole detector, as this checkpointer saves it, for --resume and --eval-only: loaded 1:1.
 """
 import logging
 import math
 import os
 from typing import Dict, List, Tuple
+from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from ..checkpoints import (Checkpoint, CheckpointError, LoadReport, load_into, read_checkpoint, read_file,
-                           save_training_state)
+from ..checkpoints import (Checkpoint, CheckpointError, LoadReport, atomic_path, load_into, parse_checkpoint,
+                           read_checkpoint, read_file, save_training_state)
 from ..checkpoints.formats.detectron2 import PREFIX, detectron2_name
 from ..models import arch_from_width, resample_patch_embed, resize_pos_embed
 
@@ -109,16 +110,33 @@ class ViTDetCheckpointer(DetectionCheckpointer):
     """detectron2's DetectionCheckpointer (resume, periodic saving, DDP-aware loading) with exact-name loading
     through mae_transfer.checkpoints, safe reading (no arbitrary unpickling) and atomic saving."""
 
+    def load(self, path: str, *args, **kwargs) -> dict:
+        """As DetectionCheckpointer.load, but a missing checkpoint is a FileNotFoundError naming it (fvcore only
+        asserts) and a HuggingFace ViTMAE directory loads as an encoder (fvcore's load takes files only)."""
+        if not path:
+            return super().load(path, *args, **kwargs)
+        url = urlparse(path)
+        if url.query:
+            raise CheckpointError(f"{path}: checkpoints load by exact names here; "
+                                  f"drop the '?{url.query}' from the path")
+        local = self.path_manager.get_local_path(path)
+        if os.path.isdir(local):
+            self.logger.info(f"[ViTDetCheckpointer] Loading from {path} ...")
+            self._load_model({"model": read_checkpoint(local)})
+            return {}  # an encoder directory holds no trainer state or other extra data
+        if not os.path.isfile(local):
+            resuming = bool(self.save_dir) and self.has_checkpoint() and path == self.get_checkpoint_file()
+            source = (f"--resume's checkpoint, named in {os.path.join(self.save_dir, 'last_checkpoint')}"
+                      if resuming else "given as train.init_checkpoint")
+            raise FileNotFoundError(f"checkpoint not found: {path} ({source})")
+        return super().load(path, *args, **kwargs)
+
     def _load_file(self, filename: str) -> dict:
-        query = self._parsed_url_during_load.query if self._parsed_url_during_load else ""
-        if query:
-            raise CheckpointError(f"{filename}?{query}: checkpoints load by exact names here; "
-                                  f"drop the '?{query}' from the path")
-        obj, _ = read_file(filename)
+        obj, meta = read_file(filename)
         if _is_detector_checkpoint(obj):
             return obj
-        # An encoder: read again through the format registry, which has no canonical form for a whole detector.
-        return {"model": read_checkpoint(filename)}
+        # An encoder: through the format registry, which has no canonical form for a whole detector.
+        return {"model": parse_checkpoint(filename, obj, meta)}
 
     def _load_model(self, checkpoint: dict) -> None:
         state = checkpoint.pop("model")
@@ -139,3 +157,8 @@ class ViTDetCheckpointer(DetectionCheckpointer):
         self.logger.info(f"Saving checkpoint to {path}")
         save_training_state(path, data)
         self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """As fvcore's, but written atomically: --resume reads this file, and a torn one would name no checkpoint."""
+        with atomic_path(os.path.join(self.save_dir, "last_checkpoint")) as tmp:
+            tmp.write_text(last_filename_basename)

@@ -3,7 +3,8 @@
 One definition serves every host: parameter names are matched by their canonical suffix, so 'blocks.3.attn.qkv.weight'
 (timm / classification), 'backbone.net.blocks.3...' (detectron2) and 'backbone.blocks.3...' (mmseg) agree.
 num_layers = depth + 1; cls_token / pos_embed / patch_embed are layer 0; block i is layer i + 1; everything else
-(final norm, heads, necks, decoders, ViTDet's residual blocks) is layer num_layers. scale = decay ** (num_layers - layer_id).
+(final norm, heads, necks, decoders, ViTDet's residual blocks) is layer num_layers.
+scale = decay ** (num_layers - layer_id).
 """
 import re
 

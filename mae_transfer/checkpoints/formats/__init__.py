@@ -12,7 +12,8 @@ from ..io import CheckpointError, read_file
 from ...models.mae import DECODER_KEYS, DECODERS
 from ...models.vit import ARCHS, arch_from_width
 
-__all__ = ["Format", "FORMATS", "register", "Checkpoint", "read_checkpoint", "detect_format", "HEAD_KEYS"]
+__all__ = ["Format", "FORMATS", "register", "Checkpoint", "parse_checkpoint", "read_checkpoint", "detect_format",
+           "HEAD_KEYS"]
 
 StateDict = Dict[str, torch.Tensor]
 HEAD_KEYS = ("head.", "fc_norm.")
@@ -72,8 +73,21 @@ class Checkpoint:
             return None
         if "decoder_num_heads" in self.meta:
             return int(self.meta["decoder_num_heads"])
-        width = self.state_dict["decoder_embed.weight"].shape[0]
+        width = self.tensor("decoder_embed.weight").shape[0]
         return next((d["decoder_num_heads"] for d in DECODERS.values() if d["decoder_embed_dim"] == width), None)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """state_dict[key]; a CheckpointError naming the file and the key when a partial checkpoint lacks it."""
+        if key not in self.state_dict:
+            raise CheckpointError(f"{self.path}: incomplete {self.kind} checkpoint: no {key}")
+        return self.state_dict[key]
+
+    def _depth(self, stack: str) -> int:
+        """Number of blocks in 'blocks' or 'decoder_blocks'."""
+        indices = [int(k.split(".")[1]) for k in self.state_dict if k.startswith(stack + ".")]
+        if not indices:
+            raise CheckpointError(f"{self.path}: incomplete {self.kind} checkpoint: no {stack}.* tensors")
+        return 1 + max(indices)
 
     def encoder_state_dict(self) -> StateDict:
         return {k: v for k, v in self.state_dict.items() if not k.startswith(DECODER_KEYS + HEAD_KEYS)}
@@ -84,16 +98,16 @@ class Checkpoint:
         if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
             raise CheckpointError(f"{self.path}: no ViT encoder found (no patch_embed.proj.weight / pos_embed)")
         width, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        depth = self._depth("blocks")
         prefix = 1 if "cls_token" in sd else 0
         grid = round((sd["pos_embed"].shape[1] - prefix) ** 0.5)
         name = arch_from_width(width)
         arch = dict(embed_dim=width, depth=depth, patch_size=patch, in_chans=in_chans, img_size=grid * patch,
                     num_heads=self.meta.get("num_heads", ARCHS[name]["num_heads"] if name else None),
-                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width)
+                    mlp_ratio=self.tensor("blocks.0.mlp.fc1.weight").shape[0] / width)
         if self.has_decoder:
-            arch.update(decoder_embed_dim=sd["decoder_embed.weight"].shape[0],
-                        decoder_depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")))
+            arch.update(decoder_embed_dim=self.tensor("decoder_embed.weight").shape[0],
+                        decoder_depth=self._depth("decoder_blocks"))
         if self.has_head:
             arch["num_classes"] = sd["head.weight"].shape[0]
         return arch
@@ -124,7 +138,12 @@ def read_checkpoint(path) -> Checkpoint:
     path = Path(path)
     if path.is_dir():
         return _read_directory(path)
-    obj, meta = read_file(path)
+    return parse_checkpoint(path, *read_file(path))
+
+
+def parse_checkpoint(path, obj: Any, meta: Dict[str, Any]) -> Checkpoint:
+    """The checkpoint in what read_file(path) returned: for callers that have read the file already."""
+    path = Path(path)
     if meta:  # ours: safetensors with our metadata header, canonical keys
         return Checkpoint(path, "mae_transfer", dict(obj), meta)
     state_dict, container, extras = _unwrap(obj, path)

@@ -150,7 +150,7 @@ def hf_config(ckpt: Checkpoint) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     config = dict(
         architectures=["ViTMAEModel"], model_type="vit_mae", hidden_size=width, num_hidden_layers=arch["depth"],
         num_attention_heads=recorded("num_heads", arch["num_heads"]),
-        intermediate_size=sd["blocks.0.mlp.fc1.weight"].shape[0], hidden_act="gelu", hidden_dropout_prob=0.0,
+        intermediate_size=ckpt.tensor("blocks.0.mlp.fc1.weight").shape[0], hidden_act="gelu", hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, initializer_range=0.02,
         layer_norm_eps=float(meta.get("layer_norm_eps", 1e-6)), image_size=arch["img_size"],
         patch_size=arch["patch_size"], num_channels=arch["in_chans"], qkv_bias="blocks.0.attn.qkv.bias" in sd,
@@ -165,7 +165,7 @@ def hf_config(ckpt: Checkpoint) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         config.update(architectures=["ViTMAEForPreTraining"], decoder_hidden_size=decoder_width,
                       decoder_num_hidden_layers=arch["decoder_depth"],
                       decoder_num_attention_heads=recorded("decoder_num_heads", ckpt.decoder_num_heads),
-                      decoder_intermediate_size=sd["decoder_blocks.0.mlp.fc1.weight"].shape[0])
+                      decoder_intermediate_size=ckpt.tensor("decoder_blocks.0.mlp.fc1.weight").shape[0])
     return config, assumed
 
 
