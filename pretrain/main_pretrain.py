@@ -19,8 +19,8 @@ import torch
 from mae_transfer.checkpoints import save_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, adamw, add_batch_flags,
-                                 add_precision_flags, add_run_flags, cleanup, data_parallel, exit_on_non_finite,
-                                 init_distributed, param_groups, resume, save_state, scaled_lr, seed_everything,
+                                 add_precision_flags, add_run_flags, data_parallel, distributed_run,
+                                 exit_on_non_finite, param_groups, resume, save_state, scaled_lr, seed_everything,
                                  train_one_epoch, training_loader, warmup_cosine)
 from mae_transfer.models import MASKING_STRATEGIES, MODELS, create_model, masking_noise
 from presets import PRESETS
@@ -104,13 +104,8 @@ def export_weights(model, output_dir: Path, args: argparse.Namespace, epoch: int
 
 
 def main(args: argparse.Namespace) -> None:
-    dist = init_distributed(args.device)
-    try:
+    with distributed_run(args.device) as dist:
         pretrain(args, dist)
-    except BaseException:
-        cleanup(wait_for_all=False)
-        raise
-    cleanup()
 
 
 def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:

@@ -32,9 +32,9 @@ from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESET
                               evaluate, load_pretrained, resolve_mode)
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, add_batch_flags, add_precision_flags,
-                                 add_run_flags, cleanup, data_parallel, exit_on_non_finite, init_distributed,
-                                 latest_checkpoint, resume, save_state, scaled_lr, seed_everything, train_one_epoch,
-                                 training_loader, warmup_cosine)
+                                 add_run_flags, data_parallel, distributed_run, exit_on_non_finite, latest_checkpoint,
+                                 resume, save_state, scaled_lr, seed_everything, train_one_epoch, training_loader,
+                                 warmup_cosine)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -182,7 +182,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     """Train (or with --eval, evaluate); returns the final validation metrics."""
     if args.eval and not args.resume:
         raise SystemExit("--eval needs --resume: the classifier checkpoint to evaluate")
-    dist = init_distributed(args.device)
+    with distributed_run(args.device) as dist:
+        return transfer(args, dist)
+
+
+def transfer(args: argparse.Namespace, dist: DistInfo) -> Dict[str, Any]:
+    """Build the data and the model, then train or evaluate (--eval)."""
     device = dist.device
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="%(message)s")
     seed_everything(args.seed + dist.rank)
@@ -224,14 +229,9 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     net.to(device)
     precision = Precision(args.amp, device)
 
-    try:
-        result = (evaluate_checkpoint(args, net, val_loader, precision, dist) if args.eval
-                  else train(args, net, train_set, val_loader, precision, dist))
-    except BaseException:
-        cleanup(wait_for_all=False)
-        raise
-    cleanup()
-    return result
+    if args.eval:
+        return evaluate_checkpoint(args, net, val_loader, precision, dist)
+    return train(args, net, train_set, val_loader, precision, dist)
 
 
 def evaluate_checkpoint(args: argparse.Namespace, net: torch.nn.Module, val_loader: DataLoader,

@@ -3,7 +3,7 @@ precision, torch.distributed set-up, the effective batch and its loader, logging
 the flags that drive them."""
 from .amp import AMP_MODES, Precision
 from .batch import BatchPlan, resolve_accum_iter, training_loader
-from .distributed import (DistInfo, all_gather_object, all_reduce, cleanup, data_parallel, get_rank,
+from .distributed import (DistInfo, all_gather_object, all_reduce, data_parallel, distributed_run, get_rank,
                           get_world_size, init_distributed, is_distributed, is_main_process, seed_everything)
 from .flags import add_batch_flags, add_precision_flags, add_run_flags
 from .logging import RunLog, progress_bar
@@ -14,7 +14,7 @@ from .state import latest_checkpoint, load_state, resume, rng_state, save_state,
 
 __all__ = ["AMP_MODES", "BatchPlan", "DistInfo", "EpochResult", "NonFiniteLossError", "Precision", "RunLog", "StepFn",
            "add_batch_flags", "add_precision_flags", "add_run_flags", "adamw", "all_gather_object", "all_reduce",
-           "cleanup", "data_parallel", "exit_on_non_finite", "get_rank", "get_world_size",
+           "data_parallel", "distributed_run", "exit_on_non_finite", "get_rank", "get_world_size",
            "init_distributed", "is_distributed", "is_main_process", "latest_checkpoint", "load_state",
            "param_groups", "progress_bar", "resolve_accum_iter", "resume", "rng_state", "save_state", "scaled_lr",
            "seed_everything", "set_rng_state", "skip_gradient_sync", "train_one_epoch", "training_loader",

@@ -6,7 +6,8 @@ the collectives below are no-ops, so training code calls them unconditionally.
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["DistInfo", "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
-           "data_parallel", "all_reduce", "all_gather_object", "seed_everything", "cleanup"]
+           "distributed_run", "data_parallel", "all_reduce", "all_gather_object", "seed_everything"]
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def cleanup(wait_for_all: bool = True) -> None:
-    """Leave the process group. At a normal end every rank first waits for all the others (a rank tearing down its
-    gloo group while rank 0 still wrote the final export was seen to hang in a 2-process CPU run); a rank leaving
-    over an error passes wait_for_all=False, since the others may never arrive."""
+@contextmanager
+def distributed_run(device: Optional[str] = None) -> Iterator[DistInfo]:
+    """init_distributed for the length of a run, then leave the process group. At a normal end every rank first
+    waits for all the others (a rank tearing down its gloo group while rank 0 still wrote the final export was seen
+    to hang in a 2-process CPU run); a rank leaving over an error does not wait, since the others may never arrive."""
+    info = init_distributed(device)
+    try:
+        yield info
+    except BaseException:
+        if is_distributed():
+            dist.destroy_process_group()
+        raise
     if is_distributed():
-        if wait_for_all:
-            dist.barrier()
+        dist.barrier()
         dist.destroy_process_group()
