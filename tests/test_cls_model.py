@@ -164,6 +164,15 @@ def test_anything_else_missing_is_an_error(tmp_path):
         load_pretrained(build_classifier("vit_tiny_patch16", 5, img_size=32, depth=DEPTH), _pretrained(tmp_path)[0])
 
 
+def test_a_pos_embed_of_no_square_grid_is_refused_naming_the_file(tmp_path):
+    path, sd = _pretrained(tmp_path, img_size=32)
+    sd["pos_embed"] = sd["pos_embed"][:, :4]  # cls + 3 patches
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match=rf"{path.name}: pos_embed \(1, 4, 48\) is not 1 prefix row\(s\) plus "
+                                              r"a square grid"):
+        load_pretrained(classifier("finetune", img_size=64), path)
+
+
 def test_pos_embed_resized_to_the_input_size_keeps_cls_and_matches_bicubic_by_hand(tmp_path):
     path, sd = _pretrained(tmp_path, img_size=32)  # 2 x 2 patches of 16
     net = classifier("finetune", img_size=64)        # 4 x 4 patches

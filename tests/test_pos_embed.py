@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from mae_transfer.models import resize_pos_embed, sincos_pos_embed_2d
+from mae_transfer.models import fit_pos_embed, pos_embed_grid, resize_pos_embed, sincos_pos_embed_2d
 
 
 def test_sincos_values_by_hand():
@@ -36,3 +37,25 @@ def test_resize_keeps_cls_and_matches_bicubic_by_hand():
     grid = pos[:, 1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
     by_hand = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
     assert torch.allclose(out[:, 1:], by_hand.permute(0, 2, 3, 1).reshape(1, 36, 8), atol=1e-6)
+
+
+def test_grid_and_prefix_read_off_the_row_count():
+    # 14 x 14 patches (ViT-B/16 at 224) with and without the cls row; 2 prefix rows over 4 x 4; 7 x 7 told 1 prefix.
+    assert pos_embed_grid(torch.zeros(1, 197, 8)) == (14, 1)
+    assert pos_embed_grid(torch.zeros(1, 196, 8)) == (14, 0)
+    assert pos_embed_grid(torch.zeros(1, 18, 8)) == (4, 2)
+    assert pos_embed_grid(torch.zeros(1, 50, 8), num_prefix_tokens=1) == (7, 1)
+    with pytest.raises(ValueError, match=r"ckpt\.pth: pos_embed \(1, 196, 8\) is not 1 prefix row\(s\) plus a square"):
+        pos_embed_grid(torch.zeros(1, 196, 8), num_prefix_tokens=1, name="ckpt.pth: pos_embed")
+
+
+def test_fit_keeps_a_table_of_the_grid_and_resizes_another():
+    pos = torch.randn(1, 1 + 4 * 4, 8)
+    assert fit_pos_embed(pos, (4, 4)) is pos
+    assert fit_pos_embed(pos, (2, 8)) is pos  # as many rows: a flattened table does not say its grid
+    torch.testing.assert_close(fit_pos_embed(pos, (6, 5)), resize_pos_embed(pos, (6, 5), (4, 4)), rtol=0, atol=0)
+    grid_only = pos[:, 1:]
+    torch.testing.assert_close(fit_pos_embed(grid_only, (6, 6), num_prefix_tokens=0),
+                               resize_pos_embed(pos, (6, 6))[:, 1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="is not 1 prefix row"):
+        fit_pos_embed(torch.randn(1, 1 + 12, 8), (4, 4))  # 3 x 4 patches: no square to resize from

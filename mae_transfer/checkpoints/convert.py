@@ -16,7 +16,6 @@ Resizing for another resolution or patch size (`resize`):
   image size is kept, so the patch grid (and pos_embed) changes unless --img-size scales with the patch.
 """
 import json
-import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -30,7 +29,7 @@ from .formats import hf
 from .io import CheckpointError, atomic_directory, atomic_path
 from .load import summarize_keys
 from ..models.mae import DECODER_KEYS
-from ..models.pos_embed import resample_patch_embed, resize_pos_embed, sincos_pos_embed_2d
+from ..models.pos_embed import fit_pos_embed, pos_embed_grid, resample_patch_embed, sincos_pos_embed_2d
 
 __all__ = ["Target", "TARGETS", "Conversion", "convert", "resize", "check_destination", "write"]
 
@@ -104,19 +103,13 @@ def _matching(keys, pattern: str) -> List[str]:
     return [k for k in keys if fnmatchcase(k, pattern)]
 
 
-def _grid(pos_embed: torch.Tensor) -> Tuple[int, int]:
-    """(patch grid side, number of prefix rows) of a square (1, prefix + g*g, D) table."""
-    side = math.isqrt(pos_embed.shape[1])
-    return side, pos_embed.shape[1] - side * side
-
-
 def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[int] = None
            ) -> Tuple[StateDict, List[str]]:
     """Canonical weights for another input size and/or patch size (see the module docstring); returns the new
     state dict and one line per tensor changed."""
     weight, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
     patch = weight.shape[-1]
-    grid, prefix = _grid(pos)
+    grid, prefix = pos_embed_grid(pos)
     new_patch = patch_size or patch
     new_img = img_size or grid * patch
     if new_img % new_patch:
@@ -131,7 +124,7 @@ def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[i
         changes.append(f"patch_embed.proj.weight {tuple(weight.shape)} -> "
                        f"{tuple(out['patch_embed.proj.weight'].shape)}: resampled (FlexiViT pseudo-inverse)")
     if new_grid != grid:
-        out["pos_embed"] = resize_pos_embed(pos, (new_grid, new_grid), (grid, grid), num_prefix_tokens=prefix)
+        out["pos_embed"] = fit_pos_embed(pos, (new_grid, new_grid), num_prefix_tokens=prefix)
         changes.append(f"pos_embed {tuple(pos.shape)} -> {tuple(out['pos_embed'].shape)}: bicubic, "
                        f"{grid}x{grid} -> {new_grid}x{new_grid} patches")
         if "decoder_pos_embed" in sd:
@@ -141,7 +134,7 @@ def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[i
                 out["decoder_pos_embed"] = sincos_pos_embed_2d(table.shape[-1], (new_grid, new_grid)).to(table.dtype)
                 how = "recomputed (fixed sin-cos)"
             else:
-                out["decoder_pos_embed"] = resize_pos_embed(table, (new_grid, new_grid), (grid, grid))
+                out["decoder_pos_embed"] = fit_pos_embed(table, (new_grid, new_grid))
                 how = "bicubic (not the fixed sin-cos table)"
             changes.append(f"decoder_pos_embed {tuple(table.shape)} -> {tuple(out['decoder_pos_embed'].shape)}: "
                            f"{how}")

@@ -11,26 +11,13 @@ from typing import Tuple
 
 import torch
 
-from ..checkpoints import CheckpointError, LoadReport, load_into, read_checkpoint
-from ..models import VisionTransformer, resize_pos_embed
+from ..checkpoints import LoadReport, load_into, read_checkpoint
+from ..models import VisionTransformer
 
-__all__ = ["NEW_KEYS", "load_pretrained", "fit_pos_embed"]
+__all__ = ["NEW_KEYS", "load_pretrained"]
 
 NEW_KEYS = ("head.*", "fc_norm.*")
 logger = logging.getLogger(__name__)
-
-
-def fit_pos_embed(pos_embed: torch.Tensor, net: VisionTransformer, source: str = "checkpoint") -> torch.Tensor:
-    """`pos_embed` (1, prefix + h*w, D) resized to the model's patch grid (prefix rows kept); unchanged if it fits."""
-    target = net.pos_embed
-    if pos_embed.shape == target.shape or pos_embed.shape[-1] != target.shape[-1]:
-        return pos_embed  # fits, or a width mismatch that load_into reports with the other mismatches
-    prefix = net.num_prefix_tokens
-    side = round((pos_embed.shape[1] - prefix) ** 0.5)
-    if side * side != pos_embed.shape[1] - prefix:
-        raise CheckpointError(f"{source}: pos_embed {tuple(pos_embed.shape)} is not {prefix} prefix token(s) plus "
-                              "a square grid of patches; cannot resize it")
-    return resize_pos_embed(pos_embed, net.patch_embed.grid_size, (side, side), num_prefix_tokens=prefix)
 
 
 def load_pretrained(net: VisionTransformer, path) -> Tuple[LoadReport, str]:
@@ -39,7 +26,7 @@ def load_pretrained(net: VisionTransformer, path) -> Tuple[LoadReport, str]:
     state_dict = checkpoint.encoder_state_dict()
     if "pos_embed" in state_dict:
         old = tuple(state_dict["pos_embed"].shape)
-        state_dict["pos_embed"] = fit_pos_embed(state_dict["pos_embed"], net, str(path))
+        state_dict["pos_embed"] = checkpoint.pos_embed_for(net.patch_embed.grid_size, net.num_prefix_tokens)
         if tuple(state_dict["pos_embed"].shape) != old:
             logger.info("resized pos_embed %s -> %s for input size %s", old, tuple(state_dict["pos_embed"].shape),
                         net.patch_embed.img_size)

@@ -11,7 +11,6 @@ was loaded, what is new and what was dropped. The checkpointer accepts two kinds
 - a checkpoint of the whole detector, as this checkpointer saves it, for --resume and --eval-only: loaded 1:1.
 """
 import logging
-import math
 import os
 from typing import Dict, List, Tuple
 from urllib.parse import urlparse
@@ -23,7 +22,7 @@ from torch import nn
 from ..checkpoints import (Checkpoint, CheckpointError, LoadReport, atomic_path, load_into, parse_checkpoint,
                            read_checkpoint, read_file, save_training_state)
 from ..checkpoints.formats.detectron2 import PREFIX, detectron2_name
-from ..models import arch_from_width, resample_patch_embed, resize_pos_embed
+from ..models import arch_from_width, fit_pos_embed, pos_embed_grid, resample_patch_embed
 
 __all__ = ["ViTDetCheckpointer", "encoder_to_detectron2", "load_encoder"]
 
@@ -74,12 +73,10 @@ def encoder_to_detectron2(ckpt: Checkpoint, model_sd: Dict[str, torch.Tensor]) -
 
     pos_key = PREFIX + "pos_embed"
     if pos_key in out and pos_key in model_sd:
-        pos, want = out[pos_key], model_sd[pos_key].shape[1]
-        # A grid is square, so a token count that is not holds the cls row (n and n + 1 are never both squares).
-        have_cls, want_cls = (int(math.isqrt(n) ** 2 != n) for n in (pos.shape[1], want))
-        old, new = math.isqrt(pos.shape[1] - have_cls), math.isqrt(want - want_cls)
+        pos = out[pos_key]
+        (old, have_cls), (new, want_cls) = pos_embed_grid(pos), pos_embed_grid(model_sd[pos_key])  # cls row or not
         if (old, have_cls) != (new, want_cls):
-            grid = resize_pos_embed(pos[:, have_cls:], (new, new), (old, old), num_prefix_tokens=0)
+            grid = fit_pos_embed(pos[:, have_cls:], (new, new), num_prefix_tokens=0)
             # detectron2's ViT only stores the cls row (get_abs_pos drops it), so its value is never used.
             cls_row = pos[:, :1] if have_cls else pos.new_zeros(1, 1, pos.shape[-1])
             out[pos_key] = torch.cat([cls_row, grid], dim=1) if want_cls else grid

@@ -1,10 +1,12 @@
 """Position embeddings: the MAE fixed 2D sin-cos table, and resizing for other resolutions / patch sizes."""
-from typing import Sequence, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-__all__ = ["sincos_pos_embed_1d", "sincos_pos_embed_2d", "resize_pos_embed", "resample_patch_embed"]
+__all__ = ["sincos_pos_embed_1d", "sincos_pos_embed_2d", "resize_pos_embed", "fit_pos_embed", "pos_embed_grid",
+           "resample_patch_embed"]
 
 
 def sincos_pos_embed_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -40,3 +42,30 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Sequence[int], old_grid:
     with align_corners=False and no antialiasing, as the MAE reference does for fine-tuning at 448."""
     return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=old_grid,
                                   num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)
+
+
+def pos_embed_grid(pos_embed: torch.Tensor, num_prefix_tokens: Optional[int] = None,
+                   name: str = "pos_embed") -> Tuple[int, int]:
+    """(side, prefix rows) of a (1, prefix + side*side, D) table: pretrained grids are square, and a flattened table
+    does not record its grid otherwise. Without `num_prefix_tokens` the prefix is read off the row count as what lies
+    above the largest square, which recognises a cls row (n and n + 1 are never both squares for n > 0).
+    Raises ValueError naming `name` if the rows are not the prefix plus a square."""
+    rows = pos_embed.shape[1]
+    if num_prefix_tokens is None:
+        side = math.isqrt(rows)
+        return side, rows - side * side
+    side = math.isqrt(max(rows - num_prefix_tokens, 0))
+    if side * side != rows - num_prefix_tokens:
+        raise ValueError(f"{name} {tuple(pos_embed.shape)} is not {num_prefix_tokens} prefix row(s) plus a square "
+                         f"grid of patches, so its grid is unknown and it cannot be resized")
+    return side, num_prefix_tokens
+
+
+def fit_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int = 1,
+                  name: str = "pos_embed") -> torch.Tensor:
+    """`pos_embed` for a model with an (h, w) patch grid: itself if it has that many rows (taken as laid out for it),
+    else a square pretrained grid resized bicubically (resize_pos_embed), the prefix rows kept."""
+    if pos_embed.shape[1] == num_prefix_tokens + grid[0] * grid[1]:
+        return pos_embed
+    side, _ = pos_embed_grid(pos_embed, num_prefix_tokens, name)
+    return resize_pos_embed(pos_embed, grid, (side, side), num_prefix_tokens=num_prefix_tokens)

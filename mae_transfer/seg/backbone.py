@@ -126,15 +126,7 @@ class ViTBackbone(BaseModule):
                                   f"choose the backbone's arch / patch_size to match the checkpoint")
         state_dict = dict(ckpt.state_dict)
         grid = self.vit.patch_embed.grid_size
-        pos_embed = state_dict["pos_embed"]
-        if pos_embed.shape != self.vit.pos_embed.shape:  # pretrained at another resolution: square grids only
-            patches = pos_embed.shape[1] - self.vit.num_prefix_tokens
-            side = round(patches ** 0.5)
-            if side * side != patches:
-                raise CheckpointError(f"{path}: pos_embed holds {patches} patches, not a square grid, and does not "
-                                      f"fit the backbone's {grid[0]}x{grid[1]} grid")
-            state_dict["pos_embed"] = resize_pos_embed(pos_embed, grid, (side, side),
-                                                       num_prefix_tokens=self.vit.num_prefix_tokens)
+        state_dict["pos_embed"] = ckpt.pos_embed_for(grid, self.vit.num_prefix_tokens)
         for name, table in state_dict.items():
             if name.endswith("rel_pos_bias.table"):
                 trained_on = _table_grid(table, grid, where=f"{path}: {name}")

@@ -4,12 +4,13 @@ in the toolkit renames keys.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..io import CheckpointError, read_file
 from ...models.mae import DECODER_KEYS, DECODERS
+from ...models.pos_embed import fit_pos_embed, pos_embed_grid
 from ...models.vit import ARCHS, arch_from_width
 
 __all__ = ["Format", "FORMATS", "register", "Checkpoint", "parse_checkpoint", "read_checkpoint", "detect_format",
@@ -82,6 +83,14 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: incomplete {self.kind} checkpoint: no {key}")
         return self.state_dict[key]
 
+    def pos_embed_for(self, grid: Sequence[int], num_prefix_tokens: int) -> torch.Tensor:
+        """The encoder's position embedding for a model with an (h, w) patch grid and that many prefix tokens:
+        resized bicubically from the pretrained square grid where they differ (models.fit_pos_embed)."""
+        try:
+            return fit_pos_embed(self.tensor("pos_embed"), grid, num_prefix_tokens)
+        except ValueError as err:
+            raise CheckpointError(f"{self.path}: {err}") from None
+
     def _depth(self, stack: str) -> int:
         """Number of blocks in 'blocks' or 'decoder_blocks'."""
         indices = [int(k.split(".")[1]) for k in self.state_dict if k.startswith(stack + ".")]
@@ -99,8 +108,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no ViT encoder found (no patch_embed.proj.weight / pos_embed)")
         width, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
         depth = self._depth("blocks")
-        prefix = 1 if "cls_token" in sd else 0
-        grid = round((sd["pos_embed"].shape[1] - prefix) ** 0.5)
+        grid, _ = pos_embed_grid(sd["pos_embed"])  # detectron2's keeps a cls row without a cls_token
         name = arch_from_width(width)
         arch = dict(embed_dim=width, depth=depth, patch_size=patch, in_chans=in_chans, img_size=grid * patch,
                     num_heads=self.meta.get("num_heads", ARCHS[name]["num_heads"] if name else None),
