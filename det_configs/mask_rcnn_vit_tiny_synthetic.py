@@ -1,4 +1,4 @@
-"""Mask R-CNN with a ViT-Tiny/16 backbone on the synthetic shapes world: the ViTDet design at 128 px, small enough
+r"""Mask R-CNN with a ViT-Tiny/16 backbone on the synthetic shapes world: the ViTDet design at 128 px, small enough
 to train and evaluate on a laptop CPU in minutes. Tests and the demo use it; the 100-epoch configs are the real ones.
 
     python -m mae_transfer.data.synthetic --out data/world --size small

@@ -1,4 +1,5 @@
-"""MAE pretraining, with the MAE reference's flags (their names and meanings), so its commands paste unchanged.
+"""MAE pretraining, with the MAE reference's flags (their names and meanings), so its commands paste unchanged (its
+submitit wrapper's own flags aside: run torchrun instead).
 
     python pretrain/main_pretrain.py --preset base-800 --data_path /datasets/imagenet --output_dir runs/base
     torchrun --nproc_per_node 8 pretrain/main_pretrain.py --preset large-1600 --data_path /datasets/imagenet ...

@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Dict, Iterable, List
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "pretrain" / "main_pretrain.py"
+
+# CUDA tests run bf16 only on GPUs that compute in it (Ampere and newer; --amp auto picks fp16 on the others).
+needs_native_bf16 = pytest.mark.skipif(
+    torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False),
+    reason="the GPU does not compute in bf16")
 
 
 def make_image_folder(root: Path, n: int, size: int = 40, seed: int = 0, corrupt: Iterable[int] = ()) -> List[Path]:

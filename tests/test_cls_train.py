@@ -82,6 +82,18 @@ def test_defaults_come_from_mode_then_preset_then_flags():
     assert args.blr == 0.1 and args.global_pool is False  # partial with K = 0 is linear probing
 
 
+def test_the_reference_fine_tuning_command_pastes():
+    # FINETUNE.md's ViT-B command after `python -m torch.distributed.launch --nproc_per_node=8`, which adds
+    # --local-rank; its flags mean what they mean there.
+    args = train_cls.parse_args(["--local-rank=0", "--accum_iter", "4", "--batch_size", "32", "--model",
+                                 "vit_base_patch16", "--finetune", "mae_pretrain_vit_base.pth", "--epochs", "100",
+                                 "--blr", "5e-4", "--layer_decay", "0.65", "--weight_decay", "0.05", "--drop_path",
+                                 "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--dist_eval",
+                                 "--data_path", "/imagenet"])
+    assert (args.accum_iter, args.batch_size, args.blr, args.layer_decay, args.drop_path, args.mixup, args.cutmix,
+            args.reprob, args.dist_eval, args.global_pool) == (4, 32, 5e-4, 0.65, 0.1, 0.8, 1.0, 0.25, True, True)
+
+
 LOGITS = [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]
 
 

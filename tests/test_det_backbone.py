@@ -8,6 +8,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import ViT as Detectron2ViT
 
 from mae_transfer.det import ViT, global_attention_blocks, vitdet_arch
+from pretrain_helpers import needs_native_bf16
 
 CONFIG = Path(__file__).resolve().parents[1] / "det_configs" / "mask_rcnn_vit_tiny_synthetic.py"
 
@@ -77,7 +78,7 @@ def test_vitdet_arch_puts_global_attention_in_vitdets_blocks():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16), torch.float16])
 def test_cuda_autocast_follows_detectron2_in_fp32_and_trains(dtype):
     """On CUDA under autocast the relative-position bias reaches SDPA in the queries' dtype (a float32 mask with
     bf16 queries would raise), the features follow detectron2's own ViT run in fp32, and a GradScaler step reaches

@@ -1,7 +1,9 @@
-"""tools/train_det.py with the tiny config on the synthetic COCO-format world: training lowers the loss,
---eval-only on its checkpoint reports the same box and mask AP, and ground truth scores AP 100 through evaluate."""
+"""tools/train_det.py with the tiny config on the synthetic COCO-format world: training lowers the loss, --resume
+continues it where the last checkpoint left off, --eval-only on its checkpoint reports the same box and mask AP, and
+ground truth scores AP 100 through evaluate."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from mae_transfer.det.evaluation import METRICS
 
 CONFIG = Path(__file__).resolve().parents[1] / "det_configs" / "mask_rcnn_vit_tiny_synthetic.py"
 ITERS = 30
+RESUME_AT = 20  # the trained run also saves model_0000019.pth
 train_det = load_tool("train_det")
 
 
@@ -53,7 +56,7 @@ def _one_thread():
 def trained(coco_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("det_run")
     run_tool(*dataset_overrides(coco_world), f"train.output_dir={out}", "train.device=cpu", f"train.max_iter={ITERS}",
-             f"train.eval_period={ITERS}", "train.log_period=1", f"train.checkpointer.period={ITERS}",
+             f"train.eval_period={ITERS}", "train.log_period=1", f"train.checkpointer.period={RESUME_AT}",
              "dataloader.train.total_batch_size=2")
     return out
 
@@ -69,6 +72,32 @@ def test_training_lowers_the_loss(trained):
     # Logged values are medians over detectron2's 20-iteration window: the first is iteration 0's own loss.
     assert losses[ITERS - 1] < 0.7 * losses[0], losses
     assert (trained / "model_final.pth").is_file() and (trained / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def _events(run: Path) -> dict:
+    return {e["iteration"]: e for e in map(json.loads, (run / "metrics.json").read_text().splitlines())
+            if "total_loss" in e}
+
+
+def _adam_steps(checkpoint: Path) -> set:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["trainer"]["optimizer"]["state"]
+    return {int(s["step"]) for s in state.values()}
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, coco_world, tmp_path):
+    """Interrupted after iteration RESUME_AT - 1: --resume runs exactly the remaining iterations, on the restored
+    schedule and optimizer. (Not the same parameters: detectron2's TrainingSampler restarts its stream on resume.)"""
+    shutil.copy(trained / f"model_{RESUME_AT - 1:07d}.pth", tmp_path)
+    (tmp_path / "last_checkpoint").write_text(f"model_{RESUME_AT - 1:07d}.pth")
+    run_tool("--resume", *dataset_overrides(coco_world), f"train.output_dir={tmp_path}", "train.device=cpu",
+             f"train.max_iter={ITERS}", f"train.eval_period={ITERS}", "train.log_period=1",
+             "dataloader.train.total_batch_size=2")
+    resumed, uninterrupted = _events(tmp_path), _events(trained)
+    assert sorted(resumed) == list(range(RESUME_AT, ITERS))
+    for it in resumed:  # warmup and steps: the lr scheduler continued, not restarted
+        assert resumed[it]["lr"] == pytest.approx(uninterrupted[it]["lr"], rel=1e-12), it
+    assert _adam_steps(tmp_path / "model_final.pth") == _adam_steps(trained / "model_final.pth") == {ITERS}
+    assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == ITERS - 1
 
 
 def test_eval_only_on_the_checkpoint_reports_box_and_mask_ap(trained, coco_world, tmp_path):
@@ -87,6 +116,27 @@ def test_eval_only_on_the_checkpoint_reports_box_and_mask_ap(trained, coco_world
     assert at_end["iteration"] == ITERS
     for task in ("bbox", "segm"):
         assert written[task]["AP"] == pytest.approx(at_end[task]["AP"], abs=1e-6)
+
+
+@pytest.mark.parametrize("precision, survives", [(torch.bfloat16, True), (None, True), (torch.float16, False)])
+def test_gradient_compression_keeps_small_gradients_without_a_loss_scale(precision, survives, tmp_path,
+                                                                         monkeypatch):
+    """The configs' train.ddp.fp16_compression: a gradient of 1e-8 is below fp16's range; it is lost under fp16 AMP
+    as in detectron2 (the loss scale keeps real gradients above it) but must survive bf16 AMP and float32, which
+    have no loss scale.
+    One gloo process posing as one of two, so that detectron2's create_ddp_model wraps the model."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        linear = torch.nn.Linear(4, 1, bias=False)
+        ddp = train_det.create_ddp(linear, dict(fp16_compression=True, device_ids=None), precision)
+        ddp(torch.full((1, 4), 1e-8)).sum().backward()
+        expected = torch.full((1, 4), 1e-8) if survives else torch.zeros(1, 4)
+        torch.testing.assert_close(linear.weight.grad, expected, rtol=1e-2, atol=0)
+    finally:
+        dist.destroy_process_group()
 
 
 class GroundTruthModel(torch.nn.Module):

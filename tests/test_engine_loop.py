@@ -89,6 +89,28 @@ def test_non_finite_loss_names_its_step_even_between_logging_steps():
     assert err.value.iteration == 5 and math.isnan(err.value.value)
 
 
+def test_non_finite_weights_after_the_last_update_of_an_epoch_stop_the_run():
+    """A finite loss whose gradient is not (torch.where's gradient through the unselected sqrt of a negative number
+    is NaN): the epoch's last update spoils the weights, and no later loss would show it before the checkpoint."""
+    model, x, y = _regression()
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+
+    def step(model, batch):
+        loss, counts = mse_step(model, batch)
+        if batch[0] is batches[-1][0]:
+            w = model.weight.sum()
+            loss = loss + torch.where(w > -1e9, 0.0 * w, torch.sqrt(-w.abs() - 1))
+        return loss, counts
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = warmup_cosine(opt, epochs=2, warmup_epochs=1, iters_per_epoch=4)
+    with pytest.raises(NonFiniteLossError, match=r"weights are non-finite after the update at step 3 \(epoch 0, "
+                                                 r"iteration 3\)"):
+        train_one_epoch(model, step, batches, opt, sched, Precision("none", CPU), epoch=0, iters_per_epoch=4,
+                        batch_size=4)
+    assert not torch.isfinite(model.weight).all()
+
+
 def test_logging_steps_epoch_end_and_max_iterations(tmp_path):
     model, x, y = _regression()
     batches = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 16, 2)]

@@ -21,6 +21,19 @@ def test_rng_state_round_trip_covers_torch_numpy_python():
     assert _draws() == first
 
 
+def test_a_cpu_run_on_a_gpu_machine_leaves_cuda_alone(monkeypatch):
+    """Reading CUDA's generator starts a CUDA context (memory on GPU 0 for every process): a --device cpu run on a
+    machine with GPUs must neither read nor set it."""
+    def touched(*args):
+        raise AssertionError("CUDA's generator was touched by a CPU run")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", touched)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", touched)
+    state = rng_state(torch.device("cpu"))
+    assert state["cuda"] is None
+    set_rng_state({**state, "cuda": torch.zeros(16, dtype=torch.uint8)}, torch.device("cpu"))
+
+
 def _model_and_optimizer(seed):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))

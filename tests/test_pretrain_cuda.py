@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mae_transfer.checkpoints import load_training_state
 from mae_transfer.models import create_model
-from pretrain_helpers import ROOT, make_image_folder, tiny_flags
+from pretrain_helpers import ROOT, make_image_folder, needs_native_bf16, tiny_flags
 
 sys.path.insert(0, str(ROOT / "pretrain"))
 import main_pretrain  # noqa: E402
@@ -17,7 +17,9 @@ import main_pretrain  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0),
+                    reason="SDPA's flash kernel needs an Ampere or newer GPU")
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16), torch.float16])
 def test_mae_under_autocast_runs_flash_attention_and_follows_fp32(dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     model = create_model("mae_vit_small_patch16", img_size=64, norm_pix_loss=True).cuda()  # 4x4 patches
@@ -32,7 +34,7 @@ def test_mae_under_autocast_runs_flash_attention_and_follows_fp32(dtype):
     assert 0 < abs(low - reference) / reference < 2e-2  # low precision did run, and stays close
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("amp", [pytest.param("bf16", marks=needs_native_bf16), "fp16"])
 def test_mixed_precision_pretraining_learns_saves_and_resumes(tmp_path, amp):
     make_image_folder(tmp_path / "data", 8)
     out = tmp_path / "out"

@@ -27,4 +27,10 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     moved = max((one[k] - initial[k]).abs().max().item() for k in one)
     assert moved > 1e-3  # training did change the weights...
     for k in one:  # ...and both runs changed them identically, up to float summation order
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+        a, b = two[k], one[k]
+        if k.endswith("attn.qkv.bias"):
+            # except the key bias: softmax ignores a shift shared by all keys, so its gradient is round-off alone,
+            # which AdamW's normalised step turns into lr-sized moves; no two summation orders agree on it
+            # (measured: 3e-5 apart on a Xeon, everything else within 6e-7)
+            a, b = a.reshape(3, -1)[[0, 2]], b.reshape(3, -1)[[0, 2]]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)

@@ -98,6 +98,19 @@ def test_presets_reproduce_the_documented_recipe():
     assert accum_iter(plain, world_size=2) == 1
 
 
+def test_the_reference_commands_paste():
+    # PRETRAIN.md's flags, as torch.distributed.launch (torch >= 2.0) passes them with its --local-rank.
+    args = main_pretrain.parse_args(["--local-rank=3", "--batch_size", "64", "--model", "mae_vit_large_patch16",
+                                     "--norm_pix_loss", "--mask_ratio", "0.75", "--epochs", "800",
+                                     "--warmup_epochs", "40", "--blr", "1.5e-4", "--weight_decay", "0.05",
+                                     "--data_path", "/imagenet", "--world_size", "8", "--dist_url", "env://"])
+    assert (args.model, args.batch_size, args.epochs, args.blr, args.norm_pix_loss, args.local_rank) == (
+        "mae_vit_large_patch16", 64, 800, 1.5e-4, True, 3)
+    assert main_pretrain.parse_args(["--local_rank", "1"]).local_rank == 1  # the spelling of torch < 2.0
+    with pytest.raises(SystemExit):  # another rendezvous is torchrun's business: refused, not ignored
+        main_pretrain.parse_args(["--dist_url", "tcp://10.0.0.1:23456"])
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "data", 8)
     calls = []

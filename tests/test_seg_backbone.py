@@ -12,6 +12,7 @@ from mae_transfer.checkpoints import CheckpointError, FORMATS, read_checkpoint, 
 from mae_transfer.models import create_model, resize_pos_embed  # noqa: E402
 from mae_transfer.seg import ViTBackbone, default_out_indices  # noqa: E402
 from mae_transfer.seg.relative_position import resize_relative_position_table  # noqa: E402
+from pretrain_helpers import needs_native_bf16  # noqa: E402
 
 # A small ViT: 4 blocks of width 64, 4 heads; trained on 64x64 crops (a 4x4 patch grid).
 SMALL = dict(arch="tiny", embed_dim=64, depth=4, num_heads=4, img_size=64, out_indices=(0, 1, 2, 3))
@@ -169,7 +170,7 @@ def test_mmseg_format_round_trip_and_segmentor_state_dicts():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16), torch.float16])
 def test_cuda_autocast_follows_fp32_and_trains(dtype):
     """On CUDA, under autocast the relative position bias goes into SDPA as a float mask: outputs follow fp32 and a
     GradScaler step reaches every parameter."""
@@ -198,6 +199,16 @@ def test_a_checkpoint_given_both_as_pretrained_and_in_init_cfg_is_refused_naming
     with pytest.raises(ValueError, match=r"given twice: pretrained='mine.pth'.*'theirs.pth'.*"
                                          r"model\.pretrained=PATH"):
         ViTBackbone(**SMALL, pretrained="mine.pth", init_cfg=dict(type="Pretrained", checkpoint="theirs.pth"))
+
+
+def test_a_pos_embed_of_no_square_grid_is_refused_by_name(tmp_path):
+    backbone = ViTBackbone(**SMALL)
+    state = backbone.vit.state_dict()
+    state["pos_embed"] = state["pos_embed"][:, :7]  # cls + 6 patches: no square grid to resize from
+    path = tmp_path / "odd.safetensors"
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors: pos_embed \(1, 7, \d+\) is not 1 prefix row"):
+        backbone.load_encoder(path)
 
 
 def test_a_relative_position_table_of_no_grid_is_refused_by_name(tmp_path):

@@ -1,7 +1,7 @@
-"""Classification transfer of an MAE encoder: end-to-end fine-tuning, linear probing, partial fine-tuning.
+r"""Classification transfer of an MAE encoder: end-to-end fine-tuning, linear probing, partial fine-tuning.
 
-Flags are the MAE reference's (main_finetune.py / main_linprobe.py), so its commands paste unchanged, plus --mode,
---partial_blocks, --dataset and --preset:
+Flags are the MAE reference's (main_finetune.py / main_linprobe.py), so its commands paste unchanged (its submitit
+wrappers' own flags aside: run torchrun instead), plus --mode, --partial_blocks, --dataset and --preset:
 
     python tools/train_cls.py --preset finetune-base --finetune mae_pretrain_vit_base.pth \
         --dataset inat2018 --data_path /datasets/inat2018 --output_dir runs/inat18_base
@@ -241,8 +241,6 @@ def evaluate_checkpoint(args: argparse.Namespace, net: torch.nn.Module, val_load
     if path is None:
         raise SystemExit(f"--resume {args.resume}: no checkpoint-N.pth in that directory")
     dist.print(load_into(net, read_checkpoint(path).state_dict, dropped=[], source=str(path)))
-    if not (args.dist_eval or dist.is_main):
-        return {}
     metrics = evaluate(net, val_loader, precision, sharded=args.dist_eval, show_progress=dist.is_main)
     if dist.is_main:
         output = Path(args.output_dir) / "eval.json"
@@ -304,8 +302,10 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
                                      max_iterations=max_iterations, clip_grad=args.clip_grad)
         except NonFiniteLossError as err:
             exit_on_non_finite(err, log, last_checkpoint)
+        # Without --dist_eval every process evaluates the whole set, as in the reference: processes left waiting at
+        # the next collective while one evaluates would meet NCCL's 10-minute timeout on a large model.
         metrics = evaluate(model_without_ddp, val_loader, precision, sharded=args.dist_eval,
-                           show_progress=dist.is_main) if args.dist_eval or dist.is_main else {}
+                           show_progress=dist.is_main)
         if dist.is_main:
             best = update_best(best, metrics, epoch)
             log.write("epoch", result.iteration, {"epoch": epoch, "train_loss": result.loss, "lr": result.lr,

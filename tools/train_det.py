@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or evaluate Mask R-CNN with an MAE ViT backbone (ViTDet) in detectron2, from a LazyConfig in det_configs/.
+r"""Train or evaluate Mask R-CNN with an MAE ViT backbone (ViTDet) in detectron2, from a LazyConfig in det_configs/.
 
 detectron2's conventions (those of its tools/lazyconfig_train_net.py): --config-file, --num-gpus, --num-machines,
 --machine-rank, --dist-url, --resume, --eval-only, then key=value overrides of the config.
@@ -12,10 +12,12 @@ detectron2's conventions (those of its tools/lazyconfig_train_net.py): --config-
         train.init_checkpoint=runs/det_vit_base/model_final.pth
 
 Differences from detectron2's script: weights load by exact names with one report (mae_transfer.det.ViTDetCheckpointer),
-checkpoints are written atomically, AMP is used only where it exists (CUDA), and every evaluation prints one
-box/mask AP table and writes it to <train.output_dir>/coco_ap.json.
+checkpoints are written atomically, AMP is used only where it exists (CUDA), gradient compression
+(train.ddp.fp16_compression) is bf16's unless training in fp16 (no loss scale would keep small gradients in fp16's
+range), and every evaluation prints one box/mask AP table and writes it to <train.output_dir>/coco_ap.json.
 """
 import logging
+from typing import Optional
 
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -23,6 +25,8 @@ from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parse
                                hooks, launch)
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
+from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 from mae_transfer.det import ViTDetCheckpointer, check_num_classes, evaluate
 
@@ -39,20 +43,38 @@ def check_device(cfg, num_gpus: int) -> None:
                          f"(detectron2's launch runs one GPU per process)")
 
 
-def build_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
-    """detectron2's AMPTrainer on CUDA when train.amp.enabled (train.amp.precision: float16, with loss scaling, or
-    bfloat16), else its float32 SimpleTrainer: AMPTrainer is CUDA-only, and CPUs here gain nothing from autocast."""
+def amp_dtype(cfg) -> Optional[torch.dtype]:
+    """The autocast dtype of train.amp (train.amp.precision: float16, the default, or bfloat16), or None to train in
+    float32: AMP off, or not on CUDA (AMPTrainer is CUDA-only, and CPUs here gain nothing from autocast)."""
     if not cfg.train.amp.enabled:
-        return SimpleTrainer(model, data_loader, optimizer)
+        return None
     if not cfg.train.device.startswith("cuda"):
         logger.warning(f"train.amp.enabled has no effect on {cfg.train.device}: training in float32")
-        return SimpleTrainer(model, data_loader, optimizer)
+        return None
     name = cfg.train.amp.get("precision", "float16")
     if name not in _AMP_DTYPES:
         raise ValueError(f"train.amp.precision={name!r}: choose one of {', '.join(_AMP_DTYPES)}")
-    precision = _AMP_DTYPES[name]
+    return _AMP_DTYPES[name]
+
+
+def build_trainer(model, data_loader, optimizer, precision: Optional[torch.dtype]) -> SimpleTrainer:
+    """detectron2's AMPTrainer under autocast (fp16 with loss scaling), else its float32 SimpleTrainer."""
+    if precision is None:
+        return SimpleTrainer(model, data_loader, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)  # bfloat16 needs no loss scaling
     return AMPTrainer(model, data_loader, optimizer, precision=precision, grad_scaler=scaler)
+
+
+def create_ddp(model, ddp_options, precision: Optional[torch.dtype]):
+    """detectron2's create_ddp_model, except that its fp16 gradient compression (train.ddp.fp16_compression) is
+    bf16's unless training in fp16: without fp16 AMP's loss scale, gradients below fp16's range (~6e-8, reached sooner
+    after the average over processes) would arrive as zeros. bf16 keeps float32's range."""
+    options = dict(ddp_options)
+    bf16_compression = precision != torch.float16 and options.pop("fp16_compression", False)
+    model = create_ddp_model(model, **options)
+    if bf16_compression and isinstance(model, DistributedDataParallel):
+        model.register_comm_hook(state=None, hook=comm_hooks.bf16_compress_hook)
+    return model
 
 
 def do_train(args, cfg) -> None:
@@ -64,8 +86,9 @@ def do_train(args, cfg) -> None:
     if "name" in cfg.dataloader.train.dataset:  # datasets given by paths (mae_transfer.det.coco_instances)
         check_num_classes(cfg.dataloader.train.dataset.name, cfg.model.roi_heads.num_classes)
 
-    model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = build_trainer(cfg, model, train_loader, optimizer)
+    precision = amp_dtype(cfg)
+    model = create_ddp(model, cfg.train.ddp, precision)
+    trainer = build_trainer(model, train_loader, optimizer, precision)
     checkpointer = ViTDetCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks([
         hooks.IterationTimer(),

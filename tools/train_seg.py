@@ -1,4 +1,4 @@
-"""Train a segmentor from an mmseg config (mmseg's tools/train.py conventions, mmengine's Runner and launcher).
+r"""Train a segmentor from an mmseg config (mmseg's tools/train.py conventions, mmengine's Runner and launcher).
 
     python tools/train_seg.py seg_configs/upernet_mae_vit_base_ade20k_512x512_160k.py --amp \
         --data-root data/ade/ADEChallengeData2016

@@ -1,4 +1,4 @@
-"""Defaults of tools/train_cls.py: per protocol, and named presets for the paper's documented recipes.
+r"""Defaults of tools/train_cls.py: per protocol, and named presets for the paper's documented recipes.
 
 A flag given on the command line always wins over a preset, and a preset over the protocol's defaults:
 

@@ -36,15 +36,19 @@ class DistInfo:
             print(*args, **kwargs)
 
 
-def _resolve_device(device: Optional[str], local_rank: int) -> torch.device:
+def _resolve_device(device: Optional[str], local_rank: int, world_size: int) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {device}: no CUDA device is visible; use --device cpu")
+        if dev.index is not None and world_size > 1:
+            raise ValueError(f"--device {device} would put all {world_size} processes on one GPU: use --device "
+                             "cuda (each process takes the GPU of its LOCAL_RANK)")
         if dev.index is None:
-            dev = torch.device("cuda", local_rank)
+            # modulo: launchers that give each process its own CUDA_VISIBLE_DEVICES show it as cuda:0
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     return dev
 
@@ -58,7 +62,7 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = _resolve_device(device, local_rank)
+    dev = _resolve_device(device, local_rank, world_size)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size,

@@ -38,3 +38,12 @@ def add_run_flags(parser: argparse.ArgumentParser, *, outputs: str, resume: str)
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument("--pin_mem", action="store_true", default=True, help="pin loader memory (CUDA only)")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    # So the reference's `python -m torch.distributed.launch ... main_*.py` commands paste: the launcher passes
+    # --local-rank, and the reference reads its process group from the launcher's environment too, not from these.
+    launcher = parser.add_argument_group("the reference's launcher flags (accepted; the environment torchrun or "
+                                         "torch.distributed.launch sets decides, as in the reference)")
+    launcher.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="set by the launcher; LOCAL_RANK "
+                          "from the environment is used")
+    launcher.add_argument("--world_size", default=1, type=int, help="WORLD_SIZE from the environment is used")
+    launcher.add_argument("--dist_url", default="env://", choices=["env://"],
+                          help="only env:// (torchrun's rendezvous; --rdzv_endpoint for multi-node)")

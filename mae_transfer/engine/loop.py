@@ -33,10 +33,14 @@ StepFn = Callable[[nn.Module, Any], Tuple[torch.Tensor, Dict[str, int]]]
 
 
 class NonFiniteLossError(FloatingPointError):
-    def __init__(self, iteration: int, epoch: int, epoch_iteration: int, value: float):
+    """The run diverged at a step: its loss was non-finite or, with `weights`, its loss was finite but its update
+    left non-finite weights (a non-finite gradient, which no grad scaler checks in fp32 or bf16)."""
+
+    def __init__(self, iteration: int, epoch: int, epoch_iteration: int, value: float, weights: bool = False):
         self.iteration, self.epoch, self.epoch_iteration, self.value = iteration, epoch, epoch_iteration, value
-        super().__init__(f"loss is {value} at step {iteration} (epoch {epoch}, iteration {epoch_iteration}); "
-                         "stopping the run")
+        what = (f"the weights are non-finite after the update at step {iteration}" if weights else
+                f"loss is {value} at step {iteration}")
+        super().__init__(f"{what} (epoch {epoch}, iteration {epoch_iteration}); stopping the run")
 
 
 def exit_on_non_finite(err: NonFiniteLossError, log: RunLog, last_checkpoint: Optional[Path]) -> NoReturn:
@@ -145,6 +149,10 @@ def train_one_epoch(model: nn.Module, step_fn: StepFn, loader: Iterable, optimiz
             break
 
     bar.close()
+    # Weights a non-finite gradient spoiled would give the next iteration a non-finite loss, but the epoch's last
+    # update has no next iteration before the checkpoint: check them (one pass over the parameters an epoch).
+    if done and not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise NonFiniteLossError(first + done - 1, epoch, done - 1, math.nan, weights=True)
     elapsed = time.perf_counter() - t_epoch
     names = sorted(counts)
     if names:  # same keys on every process: step_fn reports every count at every step

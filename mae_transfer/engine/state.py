@@ -24,23 +24,24 @@ __all__ = ["rng_state", "set_rng_state", "save_state", "load_state", "latest_che
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth")
 
 
-def rng_state() -> Dict[str, Any]:
-    """This process's generator states as tensors and tuples of ints."""
+def rng_state(device: torch.device = torch.device("cpu")) -> Dict[str, Any]:
+    """This process's generator states as tensors and tuples of ints; CUDA's only for a run on a GPU (reading it
+    elsewhere would start a CUDA context on a GPU the run does not use)."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         # this process's own device only: a resumed run may see another number of GPUs per process
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                   "cached_gaussian": float(cached_gaussian)},
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], device: torch.device = torch.device("cpu")) -> None:
     torch.set_rng_state(state["torch"])
-    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if isinstance(state["cuda"], torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
@@ -53,7 +54,7 @@ def save_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
 
     Collective: every process contributes its RNG state; only the one with `write` set writes the file.
     """
-    rng = all_gather_object(rng_state())
+    rng = all_gather_object(rng_state(precision.device))
     if not write:
         return
     save_training_state(path, {
@@ -95,7 +96,7 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
         raise mismatch("optimizer", ("mode", "partial_blocks", "layer_decay", "weight_decay"), err) from None
     precision.load_state_dict(state.get("scaler", {}))
     if len(state["rng"]) == get_world_size():
-        set_rng_state(state["rng"][get_rank()])
+        set_rng_state(state["rng"][get_rank()], precision.device)
     return state
 
 
