@@ -88,6 +88,13 @@ def test_inaturalist_errors_name_the_file_and_entry(tmp_path):
     broken.write_text('{"images": [\n{"id": 1,,}]}')
     with pytest.raises(DatasetFormatError, match=r"val2018\.json:2: not valid JSON"):
         read_inaturalist(broken, tmp_path)
+    broken.write_text('[{"id": 1}]')
+    with pytest.raises(DatasetFormatError, match=r"val2018\.json: not an iNaturalist annotation file: the top level "
+                                                 r"is a list"):
+        read_inaturalist(broken, tmp_path)
+    broken.write_text('{"images": [], "categories": []}')
+    with pytest.raises(DatasetFormatError, match=r"no list 'annotations' \(top-level keys: images, categories\)"):
+        read_inaturalist(broken, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------- Places

@@ -25,6 +25,7 @@ def test_quick_demo_writes_results_within_valid_ranges(tmp_path):
         assert saved["results"]["mIoU"][init] == json.loads((run / "seg" / "metrics.json").read_text())["mIoU"]
         top1 = json.loads((run / "cls" / "metrics.json").read_text())["final"]["top1"]
         assert saved["results"]["top-1"][init] == top1
+    assert json.loads((tmp_path / "world-tiny" / "world.json").read_text())["size"] == "tiny"  # a folder per size
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| metric (%) | MAE-initialised | from scratch |")
     for picture in ("loss_curves.png", "reconstructions.png"):

@@ -1,8 +1,10 @@
 import logging
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
@@ -42,6 +44,30 @@ def test_folders_with_and_without_class_subfolders(tmp_path):
         list_images(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         list_images(tmp_path / "missing")
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    # PIL's convert('RGB') would clip every value over 255: a 16-bit gradient came out 99.6% white.
+    values = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0, 257, ..., 65535
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode in ("I", "I;16")
+    image = ImageFolderDataset(tmp_path)[0].input
+    assert image.mode == "RGB"
+    expected = values.astype(np.int64) >> 8  # 257 * k >> 8 == k: the gradient 0..255
+    for channel in range(3):
+        np.testing.assert_array_equal(np.asarray(image)[..., channel], expected)
+
+
+def test_links_are_followed_but_not_round_a_loop(tmp_path, caplog):
+    make_image_folder(tmp_path / "data" / "real", 2)
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "data" / "real")  # a second look at the same folder
+    (tmp_path / "data" / "real" / "up").symlink_to(tmp_path / "data")  # a loop
+    with caplog.at_level(logging.WARNING):
+        files, _, classes = list_images(tmp_path / "data")
+    assert classes == ["linked", "real"]
+    assert [f.relative_to(tmp_path / "data").as_posix() for f in files] == [
+        "linked/000.png", "linked/001.png", "real/000.png", "real/001.png"]
+    assert "not following" in caplog.text and "up: it leads back to" in caplog.text
 
 
 def test_corrupt_images_are_reported_skipped_and_counted(tmp_path, caplog):

@@ -103,6 +103,27 @@ def test_tiny_training_lowers_the_loss_then_evaluates_and_resumes(world, tmp_pat
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {ITERS + 2}
 
 
+def test_whole_image_inference_at_a_size_off_the_patch_grid_stays_aligned():
+    """A 72x100 image (not a multiple of 16): the segmentor's prediction is the model run on the image padded to 80x112
+    (zeros after normalisation), cut back to 72x100 - not the padded grid's logits stretched over the image."""
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+    cfg = Config.fromfile(str(CONFIG))
+    init_default_scope("mmseg")
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).eval()
+    image = torch.randint(0, 256, (3, 72, 100), dtype=torch.uint8)  # BGR, as mmseg's loader gives it
+    sample = SegDataSample(metainfo=dict(img_shape=(72, 100), ori_shape=(72, 100)))
+    with torch.no_grad():
+        got = model.test_step(dict(inputs=[image], data_samples=[sample]))[0].seg_logits.data
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (cfg.model.data_preprocessor.mean,
+                                                             cfg.model.data_preprocessor.std))
+        padded = torch.zeros(1, 3, 80, 112)
+        padded[0, :, :72, :100] = (image.flip(0).float() - mean) / std  # to RGB, normalised
+        expected = model.encode_decode(padded, [dict(img_shape=(80, 112), pad_shape=(80, 112))])[0, :, :72, :100]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_ground_truth_as_prediction_gives_miou_100(world):
     dataset = _val_dataset(world)
     metric = METRICS.build(dict(type="PerClassIoUMetric", iou_metrics=["mIoU"]))
@@ -134,6 +155,21 @@ def test_label_map_of_the_wrong_size_is_a_clear_error(world, tmp_path):
     dataset[0]
     with pytest.raises(ValueError, match=r"000002\.png is 32x48 \(WxH\) but its image .*000002\.jpg is 64x64"):
         dataset[2]
+
+
+def test_a_label_map_not_turned_like_its_exif_rotated_image_is_a_clear_error(world, tmp_path):
+    import mmcv
+    broken = tmp_path / "ade"
+    shutil.copytree(world, broken)
+    image, label = broken / "images" / "validation" / "000003.jpg", broken / "annotations" / "validation" / "000003.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 64x48, shown turned 90 degrees clockwise
+    Image.open(image).resize((64, 48)).save(image, exif=exif)
+    Image.open(label).resize((64, 48), Image.NEAREST).save(label)  # labels the stored pixels
+    assert mmcv.imread(str(image)).shape[:2] == (64, 48)  # mmseg's loader (OpenCV) decodes it turned: 48 wide
+    with pytest.raises(ValueError, match=r"000003\.png is 64x48 \(WxH\) but its image .*000003\.jpg is 48x64 once "
+                                         r"turned by its EXIF orientation"):
+        _val_dataset(broken)[3]
 
 
 def test_vit_b_and_l_configs_name_the_released_encoder_as_mmseg_does():

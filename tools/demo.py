@@ -232,12 +232,11 @@ def main(argv=None) -> dict:
     out = args.out.resolve()
     start = time.time()
 
-    world = out / "world"
-    if world.exists() and not (world / "coco").is_dir():
-        raise SystemExit(f"demo: {world} exists but is not a synthetic world; remove it or choose another --out")
-    if not world.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        Runner().run(["-m", "mae_transfer.data.synthetic", "--out", world, "--size", lengths.world], out / "world.log")
+    # One folder per world size, so --quick and the full demo can share an --out. The generator reuses a world of
+    # the same arguments and refuses anything else in the folder.
+    world = out / f"world-{lengths.world}"
+    out.mkdir(parents=True, exist_ok=True)
+    Runner().run(["-m", "mae_transfer.data.synthetic", "--out", world, "--size", lengths.world], out / "world.log")
     for stale in ("pretrain", *INITS):  # a rerun starts over rather than resuming half of it
         shutil.rmtree(out / stale, ignore_errors=True)
 

@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 from mae_transfer.checkpoints import Checkpoint, CheckpointError, load_into, read_checkpoint
-from mae_transfer.data.images import list_images
+from mae_transfer.data.images import list_images, to_rgb
 from mae_transfer.models import MASKING_STRATEGIES, MaskedAutoencoderViT, masking_noise
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -63,7 +63,7 @@ def load_images(paths: Sequence[Path], input_size: int, limit: int) -> torch.Ten
     images = []
     for f in files[:limit]:
         with Image.open(f) as img:
-            images.append(prepare(img.convert("RGB")))
+            images.append(prepare(to_rgb(img)))
     return torch.stack(images)
 
 

@@ -83,13 +83,16 @@ def read_inaturalist(json_path, image_root, transform: Optional[Callable] = None
     if not json_path.is_file():
         raise FileNotFoundError(f"iNaturalist annotation file not found: {json_path}")
     try:
-        data = json.loads(json_path.read_text())
+        data = json.loads(json_path.read_bytes())  # bytes: JSON's own encoding detection, not the locale's
     except json.JSONDecodeError as e:
         raise DatasetFormatError(f"{json_path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise DatasetFormatError(f"{json_path}: not an iNaturalist annotation file: the top level is a "
+                                 f"{type(data).__name__}, not an object with images, annotations and categories")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
         raise DatasetFormatError(f"{json_path}: not an iNaturalist annotation file: no list {missing[0]!r} "
-                                 f"(top-level keys: {', '.join(data) if isinstance(data, dict) else type(data)})")
+                                 f"(top-level keys: {', '.join(data)})")
 
     def field(section: str, i: int, entry, key: str, kind):
         if not isinstance(entry, dict) or not isinstance(entry.get(key), kind):

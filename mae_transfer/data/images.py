@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-__all__ = ["Sample", "ImageFolderDataset", "list_images", "sample_seed", "pretrain_transform", "WithMaskNoise"]
+__all__ = ["Sample", "ImageFolderDataset", "list_images", "sample_seed", "to_rgb", "pretrain_transform",
+           "WithMaskNoise"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,20 @@ def list_images(root: Path) -> Tuple[List[Path], List[int], List[str]]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     files: List[Path] = []
+    # Links are followed (datasets are often assembled from links), except back into a folder above: each folder's
+    # chain of real paths from the root finds such loops, which would list the same images again and again.
+    chains = {str(root): frozenset({os.path.realpath(root)})}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        chain, kept = chains.pop(dirpath), []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if real in chain:
+                logger.warning("not following %s: it leads back to %s, which is listed already", path, real)
+                continue
+            chains[path] = chain | {real}
+            kept.append(name)
+        dirnames[:] = kept
         files.extend(Path(dirpath, f) for f in sorted(filenames)
                      if not f.startswith(".") and has_file_allowed_extension(f, IMG_EXTENSIONS))
     if not files:
@@ -54,6 +67,14 @@ def list_images(root: Path) -> Tuple[List[Path], List[int], List[str]]:
     classes = sorted(set(top))
     index = {c: i for i, c in enumerate(classes)}
     return files, [index[t] for t in top], classes
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. PIL's convert('RGB') clips 16-bit grayscale (16-bit PNGs open as mode I or I;16) at 255,
+    turning nearly every pixel white; such images are scaled to 8 bits first, as OpenCV and mmcv read them."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -94,7 +115,7 @@ class ImageFolderDataset(Dataset):
             i = (index + skipped) % len(self.files)
             try:
                 with open(self.files[i], "rb") as f:
-                    return Image.open(f).convert("RGB"), i, skipped
+                    return to_rgb(Image.open(f)), i, skipped
             except Exception as err:  # any decoding failure (PIL raises OSError, ValueError, SyntaxError...)
                 logger.warning("skipping unreadable image %s: %s: %s", self.describe(i), type(err).__name__, err)
         raise RuntimeError(f"none of the {len(self.files)} images under {self.root} could be read")

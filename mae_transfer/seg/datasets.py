@@ -6,16 +6,26 @@
 mmseg's ADE20KDataset fixes the 150 ADE20K classes; this is mmseg's BaseSegDataset with that layout, the classes taken
 from `metainfo=dict(classes=(...))`. It fails early and clearly where mmseg would fail deep inside a transform, or
 not at all: an image without its annotation file (when the dataset is built) and a label map whose size differs from
-its image (when the sample is loaded).
+its image as mmseg decodes it, turned by its EXIF orientation (when the sample is loaded).
 """
 import os.path as osp
-from typing import List
+from typing import List, Tuple
 
 from PIL import Image
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 
 __all__ = ["ADE20KLayoutDataset"]
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = {5, 6, 7, 8}  # orientations that turn the image by 90 degrees
+
+
+def _decoded_size(img: Image.Image) -> Tuple[int, int]:
+    """(W, H) of an image as mmseg's LoadImageFromFile decodes it: OpenCV applies the EXIF orientation, while label
+    maps are read as stored. Without this check a turned photo trains on misaligned labels."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED else (w, h)
 
 
 @DATASETS.register_module()
@@ -48,7 +58,9 @@ class ADE20KLayoutDataset(BaseSegDataset):
         info = self.get_data_info(idx)
         if "seg_map_path" in info:  # header reads only: cheap next to decoding the images
             with Image.open(info["img_path"]) as img, Image.open(info["seg_map_path"]) as seg:
-                if img.size != seg.size:
+                size = _decoded_size(img)
+                if size != seg.size:
+                    turned = " once turned by its EXIF orientation" if size != img.size else ""
                     raise ValueError(f"label map {info['seg_map_path']} is {seg.size[0]}x{seg.size[1]} (WxH) but its "
-                                     f"image {info['img_path']} is {img.size[0]}x{img.size[1]}")
+                                     f"image {info['img_path']} is {size[0]}x{size[1]}{turned}")
         return self.pipeline(info)
