@@ -2,8 +2,8 @@
 
 Expected on COCO val2017: box AP >= 56.7, mask AP >= 50.2 (ViTDet's MAE IN1K ViT-H, trained 75 epochs:
 mask_rcnn_vit_huge_75ep.py reproduces that schedule).
-The MAE ViT-H is pretrained with 14 px patches: the loader resamples its patch embedding to 16 (as ViTDet's
-"p14to16" weights) and resizes its position embedding, and says so in the log.
+The MAE ViT-H is pretrained with 14 px patches: the loader interpolates its patch embedding to 16 bicubically (as
+ViTDet made its "p14to16" weights) and resizes its position embedding, and says so in the log.
 ViTDet: 31.5 GB per GPU at one image per GPU with AMP; model.backbone.net.use_act_checkpoint=True for smaller cards.
 """
 from detectron2.config import LazyCall as L

@@ -58,9 +58,10 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"model": {"w": torch.zeros(1)}, "payload": Exploit()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match="evil.pth: refused to load"):
+    with pytest.raises(CheckpointError, match="evil.pth: refused to load") as refused:
         read_checkpoint(tmp_path / "evil.pth")
     assert not marker.exists()
+    assert "add_safe_globals" not in str(refused.value)  # torch's advice to allow it is not repeated
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -74,6 +75,13 @@ def test_truncated_file_gets_a_clear_error(tmp_path, suffix):
         read_checkpoint(path)
 
 
+def test_a_state_dict_of_the_ddp_wrapper_reads_as_the_model_s(tmp_path):
+    sd = tiny_encoder().state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pth")
+    ckpt = read_checkpoint(tmp_path / "ddp.pth")
+    assert (ckpt.format, sorted(ckpt.state_dict)) == ("mae", sorted(sd))
+
+
 def test_not_a_checkpoint_and_missing_file(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="notes.txt"):
@@ -83,6 +91,10 @@ def test_not_a_checkpoint_and_missing_file(tmp_path):
     torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
         read_checkpoint(tmp_path / "other.pth")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "meta.safetensors"), metadata={"mae_transfer": "{not json"})
+    with pytest.raises(CheckpointError, match=r"meta\.safetensors: its 'mae_transfer' header metadata is not JSON"):
+        read_checkpoint(tmp_path / "meta.safetensors")
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -100,6 +112,26 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         save_checkpoint(path, {"w": torch.zeros(3)})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+def test_a_destination_that_appears_during_a_conversion_is_not_overwritten(tmp_path, monkeypatch):
+    """convert checks its destination first, but a conversion takes a while: a file or directory created there
+    meanwhile survives, and the conversion leaves nothing behind."""
+    ours = save_checkpoint(tmp_path / "ours.safetensors", MaskedAutoencoderViT(**TINY).state_dict(),
+                           {"num_heads": 2, "decoder_num_heads": 2})
+    conversions = {"mae": tmp_path / "out.pth", "timm": tmp_path / "out.safetensors", "hf": tmp_path / "out_hf"}
+    for to, dst in conversions.items():
+        conversion = convert(read_checkpoint(ours), to)
+
+        def checked_then_taken(fmt, path):  # the destination is new when checked, taken right after
+            path.mkdir() if path.suffix == "" else path.write_text("someone else's")
+            return path
+        monkeypatch.setattr("mae_transfer.checkpoints.convert.check_destination", checked_then_taken)
+        with pytest.raises(CheckpointError, match="appeared while it was being written; not overwriting it"):
+            write(conversion, dst)
+        assert not any(dst.iterdir()) if to == "hf" else dst.read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ours.safetensors", "out.pth", "out.safetensors",
+                                                                 "out_hf"])
 
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])

@@ -153,6 +153,15 @@ def test_patch_resampling_keeps_the_output_on_a_smooth_input(tmp_path):
     assert read_checkpoint(tmp_path / "p16_32.pth").state_dict["pos_embed"].shape == (1, 1 + 2 * 2, 192)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_decoder_table_is_still_recognised_as_the_fixed_one(tmp_path, dtype):
+    mae = tiny_mae()
+    torch.save({"model": {k: v.to(dtype) for k, v in mae.state_dict().items()}}, tmp_path / "half.pth")
+    convert(tmp_path / "half.pth", tmp_path / "half64.pth", "--to", "mae", "--img-size", "64")
+    table = read_checkpoint(tmp_path / "half64.pth").state_dict["decoder_pos_embed"]
+    assert table.dtype == dtype and torch.equal(table, sincos_pos_embed_2d(128, (8, 8)).to(dtype))
+
+
 def test_image_resizing_matches_transformers_interpolation_and_recomputes_the_decoder_table(tmp_path):
     mae = tiny_mae(norm_pix_loss=True)
     torch.save({"model": mae.state_dict()}, tmp_path / "full32.pth")

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.config import LazyConfig, instantiate
-from timm.layers import resample_patch_embed
 
 from mae_transfer.checkpoints import CheckpointError, read_checkpoint
 from mae_transfer.checkpoints.convert import convert, write
@@ -70,6 +69,32 @@ def test_checkpointer_loads_an_encoder_and_round_trips_a_detector(detector_cfg, 
     assert all(torch.equal(v, fresh_sd[k]) for k, v in model.state_dict().items())
 
 
+def test_a_detector_of_other_classes_initialises_all_but_its_class_specific_predictors(detector_cfg, tmp_path):
+    """Fine-tuning a detector trained on 6 classes on a dataset of 3, as detectron2 allows (it skips mis-shaped
+    tensors); every other tensor must still fit exactly."""
+    six = instantiate(detector_cfg.model)
+    ViTDetCheckpointer(six, str(tmp_path)).save("six")
+    cfg = LazyConfig.load(str(CONFIG))
+    cfg.model.backbone.net.update(depth=DEPTH, window_block_indexes=[0])
+    cfg.model.roi_heads.num_classes = 3
+    three = instantiate(cfg.model)
+    checkpointer = ViTDetCheckpointer(three)
+    checkpointer.load(str(tmp_path / "six.pth"))
+    afresh = {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+              "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias",
+              "roi_heads.mask_head.predictor.weight", "roi_heads.mask_head.predictor.bias"}
+    loaded, own = six.state_dict(), three.state_dict()
+    assert {k for k in own if k in loaded and own[k].shape != loaded[k].shape} == afresh
+    assert all(torch.equal(own[k], loaded[k]) for k in own if k not in afresh)
+    assert not checkpointer.loaded_encoder and checkpointer.loaded == str(tmp_path / "six.pth")
+
+    cfg.model.roi_heads.num_classes = 6
+    cfg.model.roi_heads.box_head.fc_dims = [32]  # another head: not a class count, so still refused
+    with pytest.raises(CheckpointError, match=r"six\.pth does not fit the model; mismatched shapes:\n"
+                                              r"  roi_heads\.box_head\.fc1\.weight"):
+        ViTDetCheckpointer(instantiate(cfg.model)).load(str(tmp_path / "six.pth"))
+
+
 def test_position_grid_is_resized_and_14px_patches_resampled_to_16(detector_cfg, tmp_path):
     # A ViT-H-like encoder: 14 px patches on a 2x2 grid; the model has 16 px patches and a 4x4 pretraining grid.
     encoder = vit_tiny_patch16(img_size=28, patch_size=14, depth=DEPTH).state_dict()
@@ -77,8 +102,10 @@ def test_position_grid_is_resized_and_14px_patches_resampled_to_16(detector_cfg,
     report = load_encoder(model, read_checkpoint(_save_reference(tmp_path / "mae_pretrain_vit_h14.pth", encoder)))
     model_sd = model.state_dict()
 
-    assert torch.equal(model_sd["backbone.net.patch_embed.proj.weight"],
-                       resample_patch_embed(encoder["patch_embed.proj.weight"], [16, 16]))
+    # ViTDet's p14to16: the kernel interpolated bicubically (a ViTDet author's snippet, long_seq_mae issue 2)
+    torch.testing.assert_close(model_sd["backbone.net.patch_embed.proj.weight"],
+                               F.interpolate(encoder["patch_embed.proj.weight"], size=(16, 16), mode="bicubic",
+                                             align_corners=False), rtol=0, atol=0)
     pos = encoder["pos_embed"]  # (1, 1 + 2*2, 192): cls row first
     grid = pos[:, 1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
     resized = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)

@@ -18,6 +18,7 @@ from pretrain_helpers import one_thread
 from mae_transfer.data.synthetic import generate_world
 from mae_transfer.det import AP_FILE, ap_table, coco_instances, evaluate
 from mae_transfer.det.evaluation import METRICS
+from mae_transfer.models import vit_tiny_patch16
 
 CONFIG = Path(__file__).resolve().parents[1] / "det_configs" / "mask_rcnn_vit_tiny_synthetic.py"
 ITERS = 30
@@ -137,6 +138,26 @@ def test_gradient_compression_keeps_small_gradients_without_a_loss_scale(precisi
         torch.testing.assert_close(linear.weight.grad, expected, rtol=1e-2, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+def test_eval_only_resumes_the_run_s_last_checkpoint_and_refuses_an_encoder(trained, coco_world, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained / "model_final.pth", run)
+    (run / "last_checkpoint").write_text("model_final.pth")
+    results = run_tool("--eval-only", "--resume", *dataset_overrides(coco_world), "train.device=cpu",
+                       f"train.output_dir={run}")
+    at_end = _ap_json(trained / AP_FILE)
+    assert _ap_json(run / AP_FILE)["checkpoint"] == str(run / "model_final.pth")
+    for task in ("bbox", "segm"):
+        assert results[task]["AP"] == pytest.approx(at_end[task]["AP"], abs=1e-6)
+
+    encoder = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": vit_tiny_patch16(img_size=64).state_dict()}, encoder)
+    with pytest.raises(ValueError, match=rf"--eval-only evaluates a trained detector, but {encoder} holds an "
+                                         r"encoder only"):
+        run_tool("--eval-only", *dataset_overrides(coco_world), "train.device=cpu",
+                 f"train.init_checkpoint={encoder}", f"train.output_dir={tmp_path / 'none'}")
 
 
 class GroundTruthModel(torch.nn.Module):

@@ -9,12 +9,14 @@ detectron2's conventions (those of its tools/lazyconfig_train_net.py): --config-
     python tools/train_det.py --config-file det_configs/mask_rcnn_vit_base_100ep.py --num-gpus 8 --resume \
         train.output_dir=runs/det_vit_base                     # continue from runs/det_vit_base/last_checkpoint
     python tools/train_det.py --config-file det_configs/mask_rcnn_vit_base_100ep.py --eval-only \
-        train.init_checkpoint=runs/det_vit_base/model_final.pth
+        train.init_checkpoint=runs/det_vit_base/model_final.pth      # or --resume train.output_dir=runs/det_vit_base
 
 Differences from detectron2's script: weights load by exact names with one report (mae_transfer.det.ViTDetCheckpointer),
 checkpoints are written atomically, AMP is used only where it exists (CUDA), gradient compression
 (train.ddp.fp16_compression) is bf16's unless training in fp16 (no loss scale would keep small gradients in fp16's
-range), and every evaluation prints one box/mask AP table and writes it to <train.output_dir>/coco_ap.json.
+range), --eval-only takes --resume (the run's last checkpoint) and refuses an encoder-only checkpoint (its heads
+would be untrained), and every evaluation prints one box/mask AP table and writes it to
+<train.output_dir>/coco_ap.json.
 """
 import logging
 from typing import Optional
@@ -112,8 +114,14 @@ def main(args):
     default_setup(cfg, args)
     if args.eval_only:
         model = create_ddp_model(instantiate(cfg.model).to(cfg.train.device))
-        ViTDetCheckpointer(model).load(cfg.train.init_checkpoint)
-        return evaluate(cfg, model, checkpoint=cfg.train.init_checkpoint)
+        checkpointer = ViTDetCheckpointer(model, cfg.train.output_dir)
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)  # --resume: the run's last
+        if checkpointer.loaded_encoder or checkpointer.loaded is None:
+            raise ValueError(f"--eval-only evaluates a trained detector, but {checkpointer.loaded or 'nothing'} "
+                             f"{'holds an encoder only' if checkpointer.loaded else 'was loaded'}: its heads would be "
+                             f"untrained. Give train.init_checkpoint=<a detector, e.g. OUTPUT_DIR/model_final.pth>, "
+                             f"or --resume with train.output_dir")
+        return evaluate(cfg, model, checkpoint=checkpointer.loaded)
     do_train(args, cfg)
 
 

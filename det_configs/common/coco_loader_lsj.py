@@ -5,6 +5,8 @@ can replace on the command line:
     dataloader.test.dataset.json_file=...  dataloader.test.dataset.image_root=...
 
 Defaults follow detectron2's layout: $DETECTRON2_DATASETS/coco/{annotations,train2017,val2017} ("datasets" if unset).
+Masks are read as polygons, as COCO's are; a dataset with RLE masks on its objects needs
+dataloader.train.mapper.instance_mask_format=bitmask.
 """
 import os
 
@@ -14,7 +16,7 @@ from detectron2.config import LazyCall as L
 
 from mae_transfer.det import coco_instances
 
-_coco = os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "coco")
+_coco = os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "coco")  # as detectron2
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.dataset = L(coco_instances)(

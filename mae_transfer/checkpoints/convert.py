@@ -12,8 +12,10 @@ Resizing for another resolution or patch size (`resize`):
   MAE built at that size holds. Interpolating it instead would give a table no MAE model uses, with its
   highest-frequency channels aliased. (A decoder table that is not the sin-cos one is interpolated like pos_embed.)
 - the patch embedding is resampled with timm's `resample_patch_embed` (FlexiViT's pseudo-inverse of the resize):
-  the P-pixel kernel applied to an image resized by P/p gives what the p-pixel kernel gave on the original. The
-  image size is kept, so the patch grid (and pos_embed) changes unless --img-size scales with the patch.
+  the P-pixel kernel applied to an image resized by P/p gives what the p-pixel kernel gave on the original. For
+  detectron2 it is interpolated bicubically instead, as ViTDet made its ViT-H "p14to16" weights, so a converted
+  file is what ViTDet's recipe was fine-tuned from (and what ViTDetCheckpointer makes of the original). The image
+  size is kept, so the patch grid (and pos_embed) changes unless --img-size scales with the patch.
 """
 import json
 from dataclasses import dataclass, field
@@ -29,7 +31,8 @@ from .formats import hf
 from .io import CheckpointError, atomic_directory, atomic_path
 from .load import summarize_keys
 from ..models.mae import DECODER_KEYS
-from ..models.pos_embed import fit_pos_embed, pos_embed_grid, resample_patch_embed, sincos_pos_embed_2d
+from ..models.pos_embed import (fit_pos_embed, interpolate_patch_embed, pos_embed_grid, resample_patch_embed,
+                                sincos_pos_embed_2d)
 
 __all__ = ["Target", "TARGETS", "Conversion", "convert", "resize", "check_destination", "write"]
 
@@ -38,6 +41,13 @@ StateDict = Dict[str, torch.Tensor]
 _DECODER = (("mask_token", "the MAE decoder"), ("decoder_*", "the MAE decoder"))
 _HEAD = (("head.*", "the classification head"), ("fc_norm.*", "the classification head's norm"))
 _CLS = ("cls_token", "the model has a cls token, which a detectron2 (ViTDet) checkpoint does not keep")
+
+
+# (weight, new (p, p)) -> weight, and how the change is described (see the module docstring)
+PATCH_RESAMPLING: Dict[str, Tuple[Callable[[torch.Tensor, List[int]], torch.Tensor], str]] = {
+    "flexivit": (resample_patch_embed, "FlexiViT pseudo-inverse"),
+    "vitdet": (interpolate_patch_embed, "bicubic, as ViTDet"),
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class Target:
     # Directory targets: builds the config file written beside the weights from the converted checkpoint, and
     # says which of its fields the checkpoint did not record (so were given standard values).
     config: Optional[Callable[[Checkpoint], Tuple[Dict[str, Any], Dict[str, Any]]]] = None
+    patch_resample: str = "flexivit"  # how --patch-size changes the patch embedding: a key of PATCH_RESAMPLING
 
     @property
     def is_directory(self) -> bool:
@@ -80,7 +91,8 @@ TARGETS: Dict[str, Target] = {
                              ("cls_token", "detectron2's ViT has no cls token (it keeps the cls row of pos_embed "
                                            "and drops it at forward)"),
                              ("norm.*", "the encoder's final norm: ViTDet's pyramid reads the last block "
-                                        "directly"))),
+                                        "directly")),
+                         patch_resample="vitdet"),
     "mmseg": Target("mmseg", (".pth",), needs=(_CLS,),  # bare keys, as mmseg's own model_converters write them
                     drops=_because(_DECODER + _HEAD, "a segmentation backbone keeps the encoder only")),
 }
@@ -103,8 +115,8 @@ def _matching(keys, pattern: str) -> List[str]:
     return [k for k in keys if fnmatchcase(k, pattern)]
 
 
-def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[int] = None
-           ) -> Tuple[StateDict, List[str]]:
+def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[int] = None,
+           patch_resample: str = "flexivit") -> Tuple[StateDict, List[str]]:
     """Canonical weights for another input size and/or patch size (see the module docstring); returns the new
     state dict and one line per tensor changed."""
     weight, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
@@ -120,9 +132,10 @@ def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[i
         if any(k.startswith(DECODER_KEYS) for k in sd):
             raise CheckpointError(f"--patch-size resamples the encoder's patch embedding, but the decoder predicts "
                                   f"the pixels of {patch}x{patch} patches; add --encoder-only")
-        out["patch_embed.proj.weight"] = resample_patch_embed(weight, [new_patch, new_patch])
+        resample, how = PATCH_RESAMPLING[patch_resample]
+        out["patch_embed.proj.weight"] = resample(weight, [new_patch, new_patch])
         changes.append(f"patch_embed.proj.weight {tuple(weight.shape)} -> "
-                       f"{tuple(out['patch_embed.proj.weight'].shape)}: resampled (FlexiViT pseudo-inverse)")
+                       f"{tuple(out['patch_embed.proj.weight'].shape)}: resampled ({how})")
     if new_grid != grid:
         out["pos_embed"] = fit_pos_embed(pos, (new_grid, new_grid), num_prefix_tokens=prefix)
         changes.append(f"pos_embed {tuple(pos.shape)} -> {tuple(out['pos_embed'].shape)}: bicubic, "
@@ -130,7 +143,8 @@ def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[i
         if "decoder_pos_embed" in sd:
             table = sd["decoder_pos_embed"]
             fixed = sincos_pos_embed_2d(table.shape[-1], (grid, grid))
-            if torch.allclose(table.float(), fixed, atol=1e-5):
+            # within the rounding of the table's dtype: an fp16/bf16 checkpoint holds the same table, rounded
+            if torch.allclose(table.float(), fixed, atol=max(1e-5, torch.finfo(table.dtype).eps)):
                 out["decoder_pos_embed"] = sincos_pos_embed_2d(table.shape[-1], (new_grid, new_grid)).to(table.dtype)
                 how = "recomputed (fixed sin-cos)"
             else:
@@ -170,7 +184,7 @@ def convert(source: Checkpoint, to: str, *, img_size: Optional[int] = None, patc
 
     changes: List[str] = []
     if img_size is not None or patch_size is not None:
-        sd, changes = resize(sd, img_size, patch_size)
+        sd, changes = resize(sd, img_size, patch_size, target.patch_resample)
 
     mapped = fmt.from_canonical(sd)
     back = fmt.to_canonical(mapped)
@@ -222,10 +236,10 @@ def write(conversion: Conversion, dst) -> Path:
             (tmp / hf.CONFIG_NAME).write_text(json.dumps(conversion.config, indent=2, sort_keys=True) + "\n")
             save_file(_plain(conversion.state_dict), str(tmp / hf.WEIGHTS_NAME), metadata={"format": "pt"})
     elif dst.suffix == ".safetensors":
-        with atomic_path(dst) as tmp:
+        with atomic_path(dst, overwrite=False) as tmp:
             save_file(_plain(conversion.state_dict), str(tmp), metadata={"format": "pt"})
     else:
         tensors = _plain(conversion.state_dict)
-        with atomic_path(dst) as tmp:
+        with atomic_path(dst, overwrite=False) as tmp:
             torch.save({target.wrap: tensors} if target.wrap else tensors, tmp)
     return dst

@@ -35,9 +35,23 @@ def _temporary_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
 
 
+def _sync_directory(path: Path) -> None:
+    """Make a rename inside `path` durable: until the directory itself is synced, a power loss may lose the name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exists_error(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path} appeared while it was being written; not overwriting it (nothing was written)")
+
+
 @contextmanager
-def atomic_path(path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it vanishes."""
+def atomic_path(path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it vanishes.
+    With overwrite=False a `path` that exists by then is left as it is (a CheckpointError)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
@@ -48,7 +62,14 @@ def atomic_path(path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # unlike a rename, a link never replaces what is there
+            except FileExistsError:
+                raise _exists_error(path) from None
+        _sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -56,7 +77,7 @@ def atomic_path(path) -> Iterator[Path]:
 @contextmanager
 def atomic_directory(path) -> Iterator[Path]:
     """Yield a new empty directory beside `path`; on success its files are synced and it is renamed to `path`, on
-    failure it vanishes. The rename fails rather than merge into a non-empty directory that appeared meanwhile."""
+    failure it vanishes. Never replaces a directory that appeared meanwhile (a rename would replace an empty one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
@@ -67,7 +88,10 @@ def atomic_directory(path) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
+        if path.exists():
+            raise _exists_error(path)
         os.rename(tmp, path)
+        _sync_directory(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -95,13 +119,18 @@ def read_file(path) -> Tuple[Any, Dict[str, Any]]:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
-        return tensors, json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+        try:
+            return tensors, json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+        except ValueError as e:
+            raise CheckpointError(f"{path}: its {METADATA_KEY!r} header metadata is not JSON ({e})") from None
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is mostly advice to pass weights_only=False; keep the unpickler's own reason.
-        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or type(e).__name__
+        # (and not its advice to allow the global, which would contradict this refusal)
+        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(" Please use")[0]
+        reason = reason.rstrip(". ") or type(e).__name__
         raise CheckpointError(
             f"{path}: refused to load: not a plain tensor checkpoint (the weights-only unpickler stopped at: "
             f"{reason}). It is either corrupt or holds pickled objects beyond tensors and plain containers, which "

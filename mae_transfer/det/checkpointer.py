@@ -8,11 +8,15 @@ was loaded, what is new and what was dropped. The checkpointer accepts two kinds
 - an encoder in any format that mae_transfer.checkpoints recognises (MAE reference, timm, ours, a HuggingFace
   ViTMAE directory, ...) for `train.init_checkpoint`: its tensors go under backbone.net, with the patch embedding
   resampled (ViT-H/14 -> 16) and the position-embedding grid resized where the model's differ;
-- a checkpoint of the whole detector, as this checkpointer saves it, for --resume and --eval-only: loaded 1:1.
+- a checkpoint of the whole detector, as this checkpointer saves it, for --resume and --eval-only: loaded 1:1,
+  except that a detector trained for another number of classes (COCO's 80, fine-tuned on a dataset of K) starts its
+  class-specific predictors afresh, as detectron2's own loading does (which skips any mis-shaped tensor; here only
+  these).
 """
 import logging
 import os
-from typing import Dict, List, Tuple
+from fnmatch import fnmatchcase
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -22,7 +26,7 @@ from torch import nn
 from ..checkpoints import (Checkpoint, CheckpointError, LoadReport, atomic_path, load_into, parse_checkpoint,
                            read_checkpoint, read_file, save_training_state)
 from ..checkpoints.formats.detectron2 import PREFIX, detectron2_name
-from ..models import arch_from_width, fit_pos_embed, pos_embed_grid, resample_patch_embed
+from ..models import arch_from_width, fit_pos_embed, interpolate_patch_embed, pos_embed_grid
 
 __all__ = ["ViTDetCheckpointer", "encoder_to_detectron2", "load_encoder"]
 
@@ -51,7 +55,7 @@ def encoder_to_detectron2(ckpt: Checkpoint, model_sd: Dict[str, torch.Tensor]) -
                                                                                           List[str]]:
     """The checkpoint's tensors named for a ViTDet model with state dict `model_sd`, and notes on what was adapted.
 
-    Encoder tensors get their detectron2 names; the patch embedding is resampled (timm's resample_patch_embed) and
+    Encoder tensors get their detectron2 names; the patch embedding is interpolated as ViTDet did (ViT-H/14 -> 16) and
     the position embedding's grid resized bicubically when the model's patch size or pretraining grid differ.
     Tensors with no place in the detector (cls token, final norm, decoder, classifier) keep their canonical names.
     """
@@ -68,8 +72,9 @@ def encoder_to_detectron2(ckpt: Checkpoint, model_sd: Dict[str, torch.Tensor]) -
 
     proj = out[PREFIX + "patch_embed.proj.weight"]
     if proj.shape[-1] != patch:
-        out[PREFIX + "patch_embed.proj.weight"] = resample_patch_embed(proj, [patch, patch])
-        notes.append(f"patch_embed.proj.weight resampled from {proj.shape[-1]}x{proj.shape[-1]} to {patch}x{patch}")
+        out[PREFIX + "patch_embed.proj.weight"] = interpolate_patch_embed(proj, [patch, patch])
+        notes.append(f"patch_embed.proj.weight interpolated from {proj.shape[-1]}x{proj.shape[-1]} to {patch}x{patch} "
+                     f"(bicubic, as ViTDet)")
 
     pos_key = PREFIX + "pos_embed"
     if pos_key in out and pos_key in model_sd:
@@ -103,9 +108,20 @@ def _is_detector_checkpoint(obj) -> bool:
         and any(not k.startswith(PREFIX) for k in model)
 
 
+# The detector's tensors whose shapes follow the class count (box classifier and regressor, mask predictor).
+CLASS_SPECIFIC = ("roi_heads.box_predictor*.cls_score.*", "roi_heads.box_predictor*.bbox_pred.*",
+                  "roi_heads.mask_head.predictor.*")
+
+
 class ViTDetCheckpointer(DetectionCheckpointer):
     """detectron2's DetectionCheckpointer (resume, periodic saving, DDP-aware loading) with exact-name loading
-    through mae_transfer.checkpoints, safe reading (no arbitrary unpickling) and atomic saving."""
+    through mae_transfer.checkpoints, safe reading (no arbitrary unpickling) and atomic saving.
+
+    After a load, `loaded` is the path loaded and `loaded_encoder` whether it held an encoder only (a detector's
+    other parts then keep their initialisation)."""
+
+    loaded: Optional[str] = None
+    loaded_encoder: bool = False
 
     def load(self, path: str, *args, **kwargs) -> dict:
         """As DetectionCheckpointer.load, but a missing checkpoint is a FileNotFoundError naming it (fvcore only
@@ -119,6 +135,7 @@ class ViTDetCheckpointer(DetectionCheckpointer):
         local = self.path_manager.get_local_path(path)
         if os.path.isdir(local):
             self.logger.info(f"[ViTDetCheckpointer] Loading from {path} ...")
+            self.loaded = path
             self._load_model({"model": read_checkpoint(local)})
             return {}  # an encoder directory holds no trainer state or other extra data
         if not os.path.isfile(local):
@@ -126,6 +143,7 @@ class ViTDetCheckpointer(DetectionCheckpointer):
             source = (f"--resume's checkpoint, named in {os.path.join(self.save_dir, 'last_checkpoint')}"
                       if resuming else "given as train.init_checkpoint")
             raise FileNotFoundError(f"checkpoint not found: {path} ({source})")
+        self.loaded = path
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> dict:
@@ -137,10 +155,18 @@ class ViTDetCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: dict) -> None:
         state = checkpoint.pop("model")
-        if isinstance(state, Checkpoint):
+        self.loaded_encoder = isinstance(state, Checkpoint)
+        if self.loaded_encoder:
             report = load_encoder(self.model, state)
         else:
-            report = load_into(self.model, state, new=(), dropped=(), source="detector checkpoint")
+            model_sd = self.model.state_dict()
+            afresh = [k for k, v in state.items() if k in model_sd and v.shape != model_sd[k].shape
+                      and any(fnmatchcase(k, pattern) for pattern in CLASS_SPECIFIC)]
+            if afresh:
+                self.logger.warning(f"{self.loaded} was trained for another number of classes: its class-specific "
+                                    f"predictors are not loaded ({', '.join(afresh)})")
+            report = load_into(self.model, {k: v for k, v in state.items() if k not in afresh}, new=afresh,
+                               dropped=(), source=f"detector checkpoint {self.loaded}")
         self.logger.info(str(report))
         return None  # load_into refused any missing, unexpected or mis-shaped tensor: nothing left to warn about
 

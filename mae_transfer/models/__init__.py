@@ -7,7 +7,8 @@ from .mae import (DECODERS, MaskedAutoencoderViT, mae_vit_base_patch16, mae_vit_
                   mae_vit_small_patch16, mae_vit_tiny_patch16)
 from .layer_decay import layer_decay_scale, vit_layer_id
 from .masking import MASKING_STRATEGIES, apply_masking, masking_noise
-from .pos_embed import fit_pos_embed, pos_embed_grid, resample_patch_embed, resize_pos_embed, sincos_pos_embed_2d
+from .pos_embed import (fit_pos_embed, interpolate_patch_embed, pos_embed_grid, resample_patch_embed, resize_pos_embed,
+                        sincos_pos_embed_2d)
 from .vit import (ARCHS, VisionTransformer, arch_from_width, vit_base_patch16, vit_huge_patch14, vit_large_patch16,
                   vit_small_patch16, vit_tiny_patch16)
 
@@ -27,7 +28,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = ["ARCHS", "DECODERS", "MODELS", "MASKING_STRATEGIES", "MaskedAutoencoderViT", "VisionTransformer",
-           "apply_masking", "arch_from_width", "create_model", "fit_pos_embed", "layer_decay_scale", "masking_noise",
+           "apply_masking", "arch_from_width", "create_model", "fit_pos_embed", "interpolate_patch_embed",
+           "layer_decay_scale", "masking_noise",
            "pos_embed_grid", "resample_patch_embed", "resize_pos_embed", "sincos_pos_embed_2d", "vit_layer_id",
            "mae_vit_tiny_patch16", "mae_vit_small_patch16", "mae_vit_base_patch16", "mae_vit_large_patch16",
            "mae_vit_huge_patch14", "vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_large_patch16",

@@ -3,10 +3,11 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 __all__ = ["sincos_pos_embed_1d", "sincos_pos_embed_2d", "resize_pos_embed", "fit_pos_embed", "pos_embed_grid",
-           "resample_patch_embed"]
+           "resample_patch_embed", "interpolate_patch_embed"]
 
 
 def sincos_pos_embed_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -69,3 +70,11 @@ def fit_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], num_prefix_token
         return pos_embed
     side, _ = pos_embed_grid(pos_embed, num_prefix_tokens, name)
     return resize_pos_embed(pos_embed, grid, (side, side), num_prefix_tokens=num_prefix_tokens)
+
+
+def interpolate_patch_embed(weight: torch.Tensor, new_size: Sequence[int]) -> torch.Tensor:
+    """ViTDet's change of patch size (its ViT-H/14 -> 16 "p14to16" weights): the (D, C, p, p) kernel interpolated
+    bicubically, align_corners=False. Unlike timm's resample_patch_embed (FlexiViT's pseudo-inverse, which keeps a
+    patch's output for content enlarged with it) the kernel keeps its per-pixel weights, so a patch's response grows
+    by about (16/14)^2; it is what ViTDet's published numbers were fine-tuned from."""
+    return F.interpolate(weight.float(), size=tuple(new_size), mode="bicubic", align_corners=False).to(weight.dtype)

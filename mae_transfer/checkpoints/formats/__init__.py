@@ -133,12 +133,18 @@ def detect_format(state_dict: Mapping[str, Any], container: str) -> Optional[For
 
 
 def _unwrap(obj: Any, path: Path):
+    """(state dict, its container key, the other top-level entries)."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    for container in ("model", "state_dict", "module"):  # reference & detectron2, mmengine, DDP-era files
-        if isinstance(obj.get(container), Mapping):
-            return obj[container], container, {k: v for k, v in obj.items() if k != container}
-    return obj, "", {}
+    state_dict, container, extras = obj, "", {}
+    for key in ("model", "state_dict", "module"):  # reference & detectron2, mmengine, DDP-era files
+        if isinstance(obj.get(key), Mapping):
+            state_dict, container, extras = obj[key], key, {k: v for k, v in obj.items() if k != key}
+            break
+    # A state dict taken from a DistributedDataParallel wrapper instead of its module: every key has "module."
+    if state_dict and all(isinstance(k, str) and k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict, container, extras
 
 
 def read_checkpoint(path) -> Checkpoint:
