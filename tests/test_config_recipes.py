@@ -1,4 +1,5 @@
-"""The full-size detection and segmentation configs against the published recipes (/work/shared/notes/reference.md).
+"""The full-size detection and segmentation configs, and the classification presets, against the published recipes
+(/work/shared/notes/reference.md).
 
 Each config is loaded with its host's own loader (detectron2's LazyConfig.load, mmengine's Config.fromfile) and no
 model is built: the layer-decay and weight-decay rules run through the config's own optimizer logic on a stand-in
@@ -15,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from convert_helpers import ROOT
+from convert_helpers import ROOT, load_tool
 
 DET_DIR = ROOT / "det_configs"
 SEG_DIR = ROOT / "seg_configs"
@@ -485,3 +486,38 @@ def test_seg_optimizer_is_adamw_with_the_recipes_layer_decay(mm, seg_cfg, config
 def test_every_full_size_seg_config_is_checked():
     configs = {p.name for p in SEG_DIR.glob("*.py")} - SEG_SMALL
     assert configs == {c for c, _ in SEG_CONFIGS}, "seg_configs/ changed: add new recipes to SEG_CONFIGS"
+
+
+# ----------------------------------------------------------------------------------------------- classification
+
+# ref L20: fine-tuning B / L / H; ref L23: linear probing; ref L24: partial fine-tuning uses the fine-tuning recipe.
+FINETUNE = dict(mode="finetune", effective_batch_size=1024, weight_decay=0.05, warmup_epochs=5, min_lr=1e-6,
+                mixup=0.8, cutmix=1.0, smoothing=0.1, aa="rand-m9-mstd0.5-inc1", reprob=0.25, global_pool=True)
+FINETUNE_SIZE = {"base": dict(model="vit_base_patch16", drop_path=0.1, layer_decay=0.65, blr=5e-4, epochs=100),
+                 "large": dict(model="vit_large_patch16", drop_path=0.2, layer_decay=0.75, blr=1e-3, epochs=50),
+                 "huge": dict(model="vit_huge_patch14", drop_path=0.3, layer_decay=0.75, blr=1e-3, epochs=50)}
+LINPROBE = dict(mode="linprobe", blr=0.1, weight_decay=0.0, effective_batch_size=16384, epochs=90, warmup_epochs=10,
+                global_pool=False, mixup=0.0, cutmix=0.0)
+CLS_PRESETS = {
+    "finetune-base": dict(FINETUNE, **FINETUNE_SIZE["base"], input_size=224),
+    "finetune-large": dict(FINETUNE, **FINETUNE_SIZE["large"], input_size=224),
+    "finetune-huge": dict(FINETUNE, **FINETUNE_SIZE["huge"], input_size=224),
+    "finetune-huge-448": dict(FINETUNE, **FINETUNE_SIZE["huge"], input_size=448),  # ref L20: 87.8 at 448
+    "linprobe-base": dict(LINPROBE, model="vit_base_patch16"),
+    "linprobe-large": dict(LINPROBE, model="vit_large_patch16"),
+    "linprobe-huge": dict(LINPROBE, model="vit_huge_patch14"),
+    # ref L24: ViT-L, the last block tuned; the paper picks its epochs per K (here 100 for K = 1)
+    "partial-large": dict(FINETUNE, **dict(FINETUNE_SIZE["large"], epochs=100), mode="partial", partial_blocks=1),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(CLS_PRESETS))
+def test_classification_presets_are_the_published_recipes(preset):
+    args = load_tool("train_cls").parse_args(["--preset", preset])
+    got = {key: getattr(args, key) for key in CLS_PRESETS[preset]}
+    assert got == CLS_PRESETS[preset]
+
+
+def test_every_full_size_classification_preset_is_checked():
+    presets = {name for name in load_tool("train_cls").PRESETS if not name.startswith("tiny")}
+    assert presets == set(CLS_PRESETS), "cls presets changed: add new recipes to CLS_PRESETS"

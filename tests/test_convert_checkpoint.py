@@ -162,6 +162,17 @@ def test_a_half_precision_decoder_table_is_still_recognised_as_the_fixed_one(tmp
     assert table.dtype == dtype and torch.equal(table, sincos_pos_embed_2d(128, (8, 8)).to(dtype))
 
 
+def test_a_decoder_table_that_is_not_the_sin_cos_one_is_interpolated_like_pos_embed(tmp_path):
+    sd = tiny_mae().state_dict()
+    sd["decoder_pos_embed"] = torch.randn_like(sd["decoder_pos_embed"])  # (1, 1 + 4*4, 128): e.g. a learned one
+    torch.save({"model": sd}, tmp_path / "learned.pth")
+    convert(tmp_path / "learned.pth", tmp_path / "learned64.pth", "--to", "mae", "--img-size", "64")
+    table = read_checkpoint(tmp_path / "learned64.pth").state_dict["decoder_pos_embed"]
+    grid = sd["decoder_pos_embed"][:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    by_hand = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    assert_close(table, torch.cat([sd["decoder_pos_embed"][:, :1], by_hand], dim=1), rtol=0, atol=1e-6)
+
+
 def test_image_resizing_matches_transformers_interpolation_and_recomputes_the_decoder_table(tmp_path):
     mae = tiny_mae(norm_pix_loss=True)
     torch.save({"model": mae.state_dict()}, tmp_path / "full32.pth")

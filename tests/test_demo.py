@@ -26,6 +26,11 @@ def test_quick_demo_writes_results_within_valid_ranges(tmp_path):
         top1 = json.loads((run / "cls" / "metrics.json").read_text())["final"]["top1"]
         assert saved["results"]["top-1"][init] == top1
     assert json.loads((tmp_path / "world-tiny" / "world.json").read_text())["size"] == "tiny"  # a folder per size
+    # The MAE-initialised runs load the pretrained encoder (each tool's load report names it); the others do not.
+    encoder = str(tmp_path / "pretrain" / "encoder.safetensors")
+    for task in ("det", "seg", "cls"):
+        assert f"tensors from {encoder}" in (tmp_path / "mae" / f"{task}.log").read_text(), task
+        assert encoder not in (tmp_path / "scratch" / f"{task}.log").read_text(), task
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| metric (%) | MAE-initialised | from scratch |")
     for picture in ("loss_curves.png", "reconstructions.png"):

@@ -79,11 +79,10 @@ def test_vitdet_arch_puts_global_attention_in_vitdets_blocks():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16), torch.float16])
-def test_cuda_autocast_follows_detectron2_in_fp32_and_trains(dtype):
+def test_cuda_autocast_follows_detectron2_in_fp32_and_trains(dtype, fp32_matmuls):
     """On CUDA under autocast the relative-position bias reaches SDPA in the queries' dtype (a float32 mask with
     bf16 queries would raise), the features follow detectron2's own ViT run in fp32, and a GradScaler step reaches
     every parameter, the relative-position tables included (their gradient flows through SDPA's mask)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
     ours = _randomised(ViT(**VIT)).cuda().eval()
     theirs = Detectron2ViT(**VIT).cuda().eval()
     theirs.load_state_dict(ours.state_dict())

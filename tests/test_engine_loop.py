@@ -126,6 +126,27 @@ def test_logging_steps_epoch_end_and_max_iterations(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_logged_losses_are_the_means_of_their_windows_and_the_epoch(tmp_path):
+    """Batch i has loss i (plus a zero term that gives it a gradient): with accum_iter 2 and a log every 3
+    iterations the windows are {0,1,2}, {3,4,5}, {6,7}; the epoch's loss is the mean of 0..7. Losses are
+    logged as computed, not as scaled for accumulation."""
+    model = _TwoParameters()
+    batches = [torch.tensor(float(i)) for i in range(8)]
+
+    def step(model, value):
+        return value + 0.0 * model.a.sum(), {}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = warmup_cosine(opt, epochs=1, warmup_epochs=0, iters_per_epoch=8)
+    log = RunLog(tmp_path / "log.jsonl", None)
+    result = train_one_epoch(model, step, batches, opt, sched, Precision("none", CPU), epoch=0, iters_per_epoch=8,
+                             batch_size=1, accum_iter=2, log=log, log_every=3)
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(3, 1.0), (6, 4.0), (8, 6.5)]
+    assert result.loss == 3.5 and result.iteration == 8
+
+
 def test_precision_modes():
     assert Precision("auto", CPU).dtype is None and not Precision("auto", CPU).scaler.is_enabled()
     with pytest.raises(ValueError, match="--amp fp16 needs a CUDA device"):

@@ -52,6 +52,19 @@ def test_block_masking_removes_blocks_not_scattered_patches():
     assert _masked_neighbour_fraction(scattered) < 0.6
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_blocks_never_overshoot_so_every_blocked_patch_is_removed(ratio):
+    """BEiT's rule: a block may add only as many patches as the target still allows, so the blocks (scores >= 1)
+    are removed whole, with no kept holes; any shortfall is made up outside them."""
+    n, grid = 32, (14, 14)
+    noise = masking_noise("block", n, grid, ratio)
+    _, mask, _ = apply_masking(torch.randn(n, 196, 1), ratio, noise)
+    blocked = noise >= 1
+    target = 196 - int(196 * (1 - ratio))
+    assert (blocked.sum(1) <= target).all() and (blocked.sum(1) >= target - 16).all()
+    assert (mask[blocked] == 1).all()
+
+
 def test_unknown_strategy_is_named():
     with pytest.raises(ValueError, match="'checkerboard'"):
         masking_noise("checkerboard", 1, (4, 4), 0.75)

@@ -20,8 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0),
                     reason="SDPA's flash kernel needs an Ampere or newer GPU")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16), torch.float16])
-def test_mae_under_autocast_runs_flash_attention_and_follows_fp32(dtype):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_mae_under_autocast_runs_flash_attention_and_follows_fp32(dtype, fp32_matmuls):
     model = create_model("mae_vit_small_patch16", img_size=64, norm_pix_loss=True).cuda()  # 4x4 patches
     images = torch.randn(4, 3, 64, 64, device="cuda")
     noise = torch.rand(4, 16, device="cuda")

@@ -1,4 +1,5 @@
-"""torchrun with 2 processes over gloo trains to the same parameters as 1 process with the same global batch."""
+"""torchrun with 2 processes over gloo, accumulating 2 micro-batches each, trains to the same parameters as 1 process
+with the same global batch (DDP's skipped gradient sync inside an accumulation window included)."""
 import sys
 
 import torch
@@ -17,14 +18,15 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
         main_pretrain.main(main_pretrain.parse_args(tiny_flags(tmp_path / "data", tmp_path / "one", batch_size=8,
                                                                **common)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    double = run_main(tiny_flags(tmp_path / "data", tmp_path / "two", batch_size=4, **common), launcher=torchrun)
+    double = run_main(tiny_flags(tmp_path / "data", tmp_path / "two", batch_size=2, accum_iter=2, **common),
+                      launcher=torchrun)
     assert double.returncode == 0, double.stderr
-    assert "effective batch 8 = 4 x 1 (accum) x 2 (processes)" in double.stdout
+    assert "effective batch 8 = 2 x 2 (accum) x 2 (processes)" in double.stdout
 
     one = read_checkpoint(tmp_path / "one" / "mae_full.safetensors").state_dict
     two = read_checkpoint(tmp_path / "two" / "mae_full.safetensors").state_dict
-    initial = read_checkpoint(tmp_path / "one" / "checkpoint-0.pth").state_dict
-    moved = max((one[k] - initial[k]).abs().max().item() for k in one)
+    after_epoch_0 = read_checkpoint(tmp_path / "one" / "checkpoint-0.pth").state_dict
+    moved = max((one[k] - after_epoch_0[k]).abs().max().item() for k in one)
     assert moved > 1e-3  # training did change the weights...
     for k in one:  # ...and both runs changed them identically, up to float summation order
         a, b = two[k], one[k]

@@ -2,6 +2,7 @@
 report."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("mmseg")
 
@@ -11,7 +12,7 @@ from mmseg.models.necks import Feature2Pyramid  # noqa: E402
 from mae_transfer.checkpoints import CheckpointError, FORMATS, read_checkpoint, save_checkpoint  # noqa: E402
 from mae_transfer.models import create_model, resize_pos_embed  # noqa: E402
 from mae_transfer.seg import ViTBackbone, default_out_indices  # noqa: E402
-from mae_transfer.seg.relative_position import resize_relative_position_table  # noqa: E402
+from mae_transfer.seg.relative_position import RelativePositionBias, resize_relative_position_table  # noqa: E402
 from pretrain_helpers import needs_native_bf16  # noqa: E402
 
 # A small ViT: 4 blocks of width 64, 4 heads; trained on 64x64 crops (a 4x4 patch grid).
@@ -83,6 +84,41 @@ def test_relative_position_table_resize_by_hand():
     torch.testing.assert_close(resized, resized.flip(0).flip(1), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="a 5x5 grid needs 84"):
         resize_relative_position_table(table, (5, 5), (4, 4))
+
+
+def test_a_bias_of_the_row_offset_alone_stays_so_on_a_non_square_grid():
+    """A table trained on 4x4 whose bias depends only on the row offset (the plane's row index): at a 3x5 token grid
+    (rows and columns resized by different factors) every pair of patches must still get a bias that depends only on
+    their row difference, growing with it. Swapping the plane's two axes anywhere breaks this."""
+    bias = RelativePositionBias((4, 4), num_heads=1)
+    with torch.no_grad():
+        rows = torch.arange(7.0).view(7, 1).expand(7, 7)  # plane (2h-1, 2w-1): row index = row offset + 3
+        bias.table[:-3] = rows.reshape(-1, 1)
+    grid = (3, 5)
+    values = bias(grid)[0, 1:, 1:]  # patch pairs, cls left out
+    row_of = torch.arange(grid[0] * grid[1]) // grid[1]
+    difference = row_of.view(-1, 1) - row_of.view(1, -1)
+    by_difference = {}
+    for d in range(-grid[0] + 1, grid[0]):
+        chosen = values[difference == d]
+        torch.testing.assert_close(chosen, chosen[:1].expand_as(chosen), rtol=0, atol=1e-5)
+        by_difference[d] = chosen[0].item()
+    assert [by_difference[d] for d in sorted(by_difference)] == sorted(by_difference.values())
+    assert by_difference[2] > by_difference[0] > by_difference[-2]
+
+
+def test_gradient_checkpointing_gives_the_plain_gradients():
+    plain, checkpointed = ViTBackbone(**SMALL).train(), ViTBackbone(**SMALL, with_cp=True).train()
+    _randomize(plain, seed=3)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 80, 48)  # off the training grid: the resized tables are recomputed in the backward too
+    for model in (plain, checkpointed):  # the same drop-path draws, which the recomputation must repeat
+        torch.manual_seed(1)
+        sum(level.square().mean() for level in model(x)).backward()
+    plain_grads = dict(plain.named_parameters())
+    for name, p in checkpointed.named_parameters():
+        torch.testing.assert_close(p.grad, plain_grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert checkpointed.vit.blocks[0].rel_pos_bias.table.grad.abs().sum() > 0
 
 
 def test_gradients_reach_relative_position_tables_at_another_size():
@@ -171,10 +207,9 @@ def test_mmseg_format_round_trip_and_segmentor_state_dicts():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16), torch.float16])
-def test_cuda_autocast_follows_fp32_and_trains(dtype):
+def test_cuda_autocast_follows_fp32_and_trains(dtype, fp32_matmuls):
     """On CUDA, under autocast the relative position bias goes into SDPA as a float mask: outputs follow fp32 and a
     GradScaler step reaches every parameter."""
-    torch.backends.cuda.matmul.allow_tf32 = False
     model = ViTBackbone(**SMALL).cuda()
     _randomize(model, seed=2)
     x = torch.randn(2, 3, 200, 344, device="cuda")
@@ -199,6 +234,25 @@ def test_a_checkpoint_given_both_as_pretrained_and_in_init_cfg_is_refused_naming
     with pytest.raises(ValueError, match=r"given twice: pretrained='mine.pth'.*'theirs.pth'.*"
                                          r"model\.pretrained=PATH"):
         ViTBackbone(**SMALL, pretrained="mine.pth", init_cfg=dict(type="Pretrained", checkpoint="theirs.pth"))
+
+
+def test_the_encoder_s_final_norm_lands_where_mmseg_s_mae_applies_it(tmp_path):
+    """norm.* -> ln1.*: mmseg's MAE with final_norm=True must end with exactly that LayerNorm (eps 1e-6, by hand)."""
+    ours = ViTBackbone(**SMALL).eval()
+    _randomize(ours, seed=4)
+    canonical = dict(ours.vit.state_dict(), **{"norm.weight": torch.randn(64), "norm.bias": torch.randn(64)})
+    path = tmp_path / "with_norm.pth"
+    torch.save(FORMATS["mmseg"].from_canonical(canonical), path)
+    theirs = MAE(img_size=64, patch_size=16, embed_dims=64, num_layers=4, num_heads=4, mlp_ratio=4, out_indices=[3],
+                 init_values=1.0, final_norm=True, norm_cfg=dict(type="LN", eps=1e-6),
+                 init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    theirs.init_weights()
+    theirs.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        last = ours(x)[3].permute(0, 2, 3, 1)  # (B, h, w, C) before any final norm
+        by_hand = F.layer_norm(last, (64,), canonical["norm.weight"], canonical["norm.bias"], eps=1e-6)
+        torch.testing.assert_close(theirs(x)[0], by_hand.permute(0, 3, 1, 2), rtol=1e-4, atol=1e-4)
 
 
 def test_a_pos_embed_of_no_square_grid_is_refused_by_name(tmp_path):

@@ -138,6 +138,26 @@ def test_ground_truth_as_prediction_gives_miou_100(world):
     assert present and all(metrics[f"IoU.{name}"] == 100.0 for name in present)
 
 
+def test_per_class_iou_and_accuracy_by_hand():
+    """A 2x4 map of three classes (255 ignored): per class, IoU = |pred & gt| / |pred | gt| and Acc = |pred & gt| /
+    |gt| over the labelled pixels, each reported under its own class name."""
+    metric = METRICS.build(dict(type="PerClassIoUMetric", iou_metrics=["mIoU"]))
+    metric.dataset_meta = dict(classes=("sky", "road", "car"))
+    gt = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 0]])
+    metric.process({}, [dict(pred_sem_seg=dict(data=pred[None]), gt_sem_seg=dict(data=gt[None]))])
+    metrics = metric.evaluate(1)
+    # sky: pred {0, 6}, gt {0, 1} -> 1 / 3, 1 / 2; road: pred {1, 2, 3}, gt {2, 3} -> 2 / 3, 2 / 2;
+    # car: pred {4, 5}, gt {4, 5, 6} -> 2 / 3, 2 / 3 (pixel 7 is ignored in both).
+    expected_iou = {"sky": 100 / 3, "road": 200 / 3, "car": 200 / 3}
+    expected_acc = {"sky": 50.0, "road": 100.0, "car": 200 / 3}
+    for name in expected_iou:
+        assert metrics[f"IoU.{name}"] == pytest.approx(expected_iou[name], abs=0.005), name
+        assert metrics[f"Acc.{name}"] == pytest.approx(expected_acc[name], abs=0.005), name
+    assert metrics["mIoU"] == pytest.approx(sum(expected_iou.values()) / 3, abs=0.005)
+    assert metrics["aAcc"] == pytest.approx(100 * 5 / 7, abs=0.005)
+
+
 def test_missing_annotation_is_a_clear_error(world, tmp_path):
     broken = tmp_path / "ade"
     shutil.copytree(world, broken)

@@ -42,31 +42,42 @@ def random_noise(n: int, grid: Tuple[int, int], mask_ratio: float, device=None) 
     return torch.rand(n, grid[0] * grid[1], device=device)
 
 
+def _uniform(a: float, b: float) -> float:
+    """Python's random.uniform(a, b) (a + (b - a) U, either order) drawn from torch's generator."""
+    return a + (b - a) * torch.rand(1).item()
+
+
 def block_noise(n: int, grid: Tuple[int, int], mask_ratio: float, device=None,
-                min_block: int = 16, max_aspect: float = 3.0) -> torch.Tensor:
-    """Block-wise masking (BEiT's algorithm): random rectangles of >= min_block patches with aspect ratio in
-    [1/max_aspect, max_aspect] are removed until mask_ratio of the grid is covered. Patches outside the blocks
-    score lower, so they are kept first; ties are broken at random, which makes the kept count exact."""
+                min_block: int = 16, min_aspect: float = 0.3) -> torch.Tensor:
+    """Block-wise masking, BEiT's MaskingGenerator (the paper's Table 1 uses it): rectangles of >= min_block patches
+    and aspect ratio in [min_aspect, 1/min_aspect], each adding only as many new patches as the target still
+    allows, until ten tries in a row add none. Blocked patches score highest, so all of them are removed; BEiT may
+    fall a few patches short of the target, and those are taken at random from outside the blocks (ties are broken
+    at random), which makes the kept count exact."""
     gh, gw = grid
     target = gh * gw - num_kept(gh * gw, mask_ratio)
     blocked = torch.zeros(n, gh, gw, dtype=torch.bool)
-    log_aspect = math.log(max_aspect)
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     for i in range(n):
         covered = 0
-        for _ in range(100 * gh * gw):  # bounded: BEiT's loop, with a hard stop for degenerate grids
-            if covered >= target:
+        while covered < target:
+            room, added = target - covered, 0
+            for _ in range(10):
+                area = _uniform(min_block, room)
+                aspect = math.exp(_uniform(*log_aspect))
+                h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if not (w < gw and h < gh):
+                    continue
+                top, left = torch.randint(0, gh - h + 1, (1,)).item(), torch.randint(0, gw - w + 1, (1,)).item()
+                region = blocked[i, top:top + h, left:left + w]
+                new = h * w - int(region.sum())
+                if 0 < new <= room:
+                    region.fill_(True)
+                    added = new
+                    break
+            if not added:
                 break
-            area = torch.empty(1).uniform_(min(min_block, target), max(min_block, target - covered)).item()
-            aspect = math.exp(torch.empty(1).uniform_(-log_aspect, log_aspect).item())
-            h = min(gh, max(1, round(math.sqrt(area * aspect))))
-            w = min(gw, max(1, round(math.sqrt(area / aspect))))
-            top = torch.randint(0, gh - h + 1, (1,)).item()
-            left = torch.randint(0, gw - w + 1, (1,)).item()
-            region = blocked[i, top:top + h, left:left + w]
-            new = h * w - int(region.sum())
-            if 0 < new <= target - covered + min_block:  # do not overshoot by more than one small block
-                region.fill_(True)
-                covered += new
+            covered += added
     return (blocked.flatten(1).float() + torch.rand(n, gh * gw)).to(device)
 
 
