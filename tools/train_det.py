@@ -116,11 +116,11 @@ def main(args):
         model = create_ddp_model(instantiate(cfg.model).to(cfg.train.device))
         checkpointer = ViTDetCheckpointer(model, cfg.train.output_dir)
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)  # --resume: the run's last
-        if checkpointer.loaded_encoder or checkpointer.loaded is None:
-            raise ValueError(f"--eval-only evaluates a trained detector, but {checkpointer.loaded or 'nothing'} "
-                             f"{'holds an encoder only' if checkpointer.loaded else 'was loaded'}: its heads would be "
-                             f"untrained. Give train.init_checkpoint=<a detector, e.g. OUTPUT_DIR/model_final.pth>, "
-                             f"or --resume with train.output_dir")
+        if checkpointer.loaded is None or checkpointer.loaded_encoder:
+            what = f"{checkpointer.loaded} holds an encoder only" if checkpointer.loaded else "no checkpoint was given"
+            raise ValueError(f"--eval-only evaluates a trained detector, but {what}: its heads would be untrained. "
+                             f"Give train.init_checkpoint=<a detector, e.g. OUTPUT_DIR/model_final.pth>, or --resume "
+                             f"with train.output_dir")
         return evaluate(cfg, model, checkpoint=checkpointer.loaded)
     do_train(args, cfg)
 
