@@ -21,7 +21,7 @@ from mae_transfer.checkpoints import save_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, adamw, add_batch_flags,
                                  add_precision_flags, add_run_flags, data_parallel, distributed_run,
-                                 exit_on_non_finite, param_groups, resume, save_state, scaled_lr, seed_everything,
+                                 exit_on_non_finite, param_groups, resume, save_epoch, scaled_lr, seed_everything,
                                  train_one_epoch, training_loader, warmup_cosine)
 from mae_transfer.models import MASKING_STRATEGIES, MODELS, create_model, masking_noise
 from presets import PRESETS
@@ -168,12 +168,9 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
         log.flush()
         dist.print(f"epoch {epoch}: loss {result.loss:.4f}, {result.images_per_s:.1f} images/s"
                    + "".join(f", {v} {k.replace('_', ' ')}" for k, v in result.counts.items()))
-        complete = result.iterations == plan.iters_per_epoch
-        if complete and (epoch % args.save_every == 0 or epoch + 1 == args.epochs or result.stopped):
-            path = output_dir / f"checkpoint-{epoch}.pth"
-            save_state(path, model=model_without_ddp, optimizer=optimizer, precision=precision, epoch=epoch,
-                       iteration=result.iteration, args=vars(args), write=dist.is_main)
-            last_checkpoint = path
+        last_checkpoint = save_epoch(args, epoch, result, iters_per_epoch=plan.iters_per_epoch,
+                                     model=model_without_ddp, optimizer=optimizer, precision=precision,
+                                     write=dist.is_main) or last_checkpoint
         if result.stopped:
             dist.print(f"--max_steps {args.max_steps} reached")
             break

@@ -33,7 +33,7 @@ from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESET
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, add_batch_flags, add_precision_flags,
                                  add_run_flags, data_parallel, distributed_run, exit_on_non_finite, latest_checkpoint,
-                                 resume, save_state, scaled_lr, seed_everything, train_one_epoch, training_loader,
+                                 resume, save_epoch, scaled_lr, seed_everything, train_one_epoch, training_loader,
                                  warmup_cosine)
 
 
@@ -316,12 +316,9 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
                        f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f} (best top-1 {best['top1']:.2f}%), "
                        f"{result.images_per_s:.1f} images/s"
                        + "".join(f", {v} {k.replace('_', ' ')}" for k, v in result.counts.items() if v))
-        complete = result.iterations == plan.iters_per_epoch
-        if complete and (epoch % args.save_every == 0 or epoch + 1 == args.epochs or result.stopped):
-            path = output_dir / f"checkpoint-{epoch}.pth"
-            save_state(path, model=model_without_ddp, optimizer=optimizer, precision=precision, epoch=epoch,
-                       iteration=result.iteration, args=vars(args), write=dist.is_main)
-            last_checkpoint = path
+        last_checkpoint = save_epoch(args, epoch, result, iters_per_epoch=plan.iters_per_epoch,
+                                     model=model_without_ddp, optimizer=optimizer, precision=precision,
+                                     write=dist.is_main) or last_checkpoint
         if result.stopped:
             dist.print(f"--max_steps {args.max_steps} reached")
             break

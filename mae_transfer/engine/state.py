@@ -18,8 +18,9 @@ from torch import nn
 from ..checkpoints import CheckpointError, load_training_state, save_training_state
 from .amp import Precision
 from .distributed import all_gather_object, get_rank, get_world_size, is_main_process
+from .loop import EpochResult
 
-__all__ = ["rng_state", "set_rng_state", "save_state", "load_state", "latest_checkpoint", "resume"]
+__all__ = ["rng_state", "set_rng_state", "save_state", "save_epoch", "load_state", "latest_checkpoint", "resume"]
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth")
 
@@ -66,6 +67,20 @@ def save_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
         "rng": rng,
         "args": args,
     })
+
+
+def save_epoch(args: argparse.Namespace, epoch: int, result: EpochResult, *, iters_per_epoch: int, model: nn.Module,
+               optimizer: torch.optim.Optimizer, precision: Precision, write: bool) -> Optional[Path]:
+    """The end-of-epoch save of the reference's scripts: <--output_dir>/checkpoint-<epoch>.pth every --save_every
+    epochs, after the last one, and where --max_steps stopped the run, of whole epochs only (a run resumes at an
+    epoch boundary). Collective, as save_state. Returns the checkpoint's path, or None when none was due."""
+    whole = result.iterations == iters_per_epoch
+    if not (whole and (epoch % args.save_every == 0 or epoch + 1 == args.epochs or result.stopped)):
+        return None
+    path = Path(args.output_dir) / f"checkpoint-{epoch}.pth"
+    save_state(path, model=model, optimizer=optimizer, precision=precision, epoch=epoch, iteration=result.iteration,
+               args=vars(args), write=write)
+    return path
 
 
 def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
