@@ -9,9 +9,6 @@ _base_ = 'mmseg::mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py'
 custom_imports = dict(imports=['mae_transfer.seg'], allow_failed_imports=False)
 
 model = dict(
-    # Test images are padded to a multiple of the patch size and the padding cut from the prediction: ViTBackbone
-    # would pad them itself, unknown to the head, which would then stretch the padded grid's logits over the image.
-    data_preprocessor=dict(test_cfg=dict(size_divisor=16)),
     # The MAE reference's released encoder as is (any format mae_transfer.checkpoints reads). As in mmseg's own MAE
     # config, the segmentor's `pretrained` names it: --cfg-options model.pretrained=PATH swaps in another.
     pretrained='pretrain/mae_pretrain_vit_base.pth',

@@ -19,7 +19,10 @@ num_classes = len(classes)
 
 model = dict(
     pretrained=None,  # from scratch unless given; the ViT-B config names the released ViT-B encoder
-    data_preprocessor=dict(size=crop_size),
+    # Whole-image inference: test images are padded to a multiple of the patch size and the padding cut from the
+    # prediction. Left to ViTBackbone, the padding would be unknown to the head, which would stretch the padded
+    # grid's logits over the image. (The ViT-B/L configs' slide inference runs on 512 crops, as mmseg's.)
+    data_preprocessor=dict(size=crop_size, test_cfg=dict(size_divisor=16)),
     backbone=dict(arch='tiny', img_size=crop_size, drop_path_rate=0.0),
     neck=dict(embed_dim=192),
     decode_head=dict(in_channels=[192, 192, 192, 192], channels=64, num_classes=num_classes),

@@ -1,4 +1,5 @@
 import argparse
+import errno
 import os
 import stat
 
@@ -114,11 +115,19 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
 
 
-def test_a_destination_that_appears_during_a_conversion_is_not_overwritten(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_destination_that_appears_during_a_conversion_is_not_overwritten(tmp_path, monkeypatch, hard_links):
     """convert checks its destination first, but a conversion takes a while: a file or directory created there
-    meanwhile survives, and the conversion leaves nothing behind."""
+    meanwhile survives, and the conversion leaves nothing behind; also on filesystems without hard links."""
     ours = save_checkpoint(tmp_path / "ours.safetensors", MaskedAutoencoderViT(**TINY).state_dict(),
                            {"num_heads": 2, "decoder_num_heads": 2})
+    if not hard_links:
+        def no_links(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(ckpt_io.os, "link", no_links)
+        first = write(convert(read_checkpoint(ours), "timm"), tmp_path / "first.safetensors")  # writes still work
+        assert read_checkpoint(first).format == "timm"
+        first.unlink()
     conversions = {"mae": tmp_path / "out.pth", "timm": tmp_path / "out.safetensors", "hf": tmp_path / "out_hf"}
     for to, dst in conversions.items():
         conversion = convert(read_checkpoint(ours), to)

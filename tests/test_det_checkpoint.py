@@ -78,7 +78,11 @@ def test_a_detector_of_other_classes_initialises_all_but_its_class_specific_pred
     cfg.model.backbone.net.update(depth=DEPTH, window_block_indexes=[0])
     cfg.model.roi_heads.num_classes = 3
     three = instantiate(cfg.model)
-    checkpointer = ViTDetCheckpointer(three)
+    # evaluating or resuming it would be a mistake: refused unless training starts from it
+    with pytest.raises(CheckpointError, match=r"six\.pth does not fit the model; mismatched shapes:\n"
+                                              r"  roi_heads\.box_predictor\.cls_score\.weight"):
+        ViTDetCheckpointer(three).load(str(tmp_path / "six.pth"))
+    checkpointer = ViTDetCheckpointer(three, new_classes=True)
     checkpointer.load(str(tmp_path / "six.pth"))
     afresh = {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
               "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias",
@@ -92,7 +96,7 @@ def test_a_detector_of_other_classes_initialises_all_but_its_class_specific_pred
     cfg.model.roi_heads.box_head.fc_dims = [32]  # another head: not a class count, so still refused
     with pytest.raises(CheckpointError, match=r"six\.pth does not fit the model; mismatched shapes:\n"
                                               r"  roi_heads\.box_head\.fc1\.weight"):
-        ViTDetCheckpointer(instantiate(cfg.model)).load(str(tmp_path / "six.pth"))
+        ViTDetCheckpointer(instantiate(cfg.model), new_classes=True).load(str(tmp_path / "six.pth"))
 
 
 def test_position_grid_is_resized_and_14px_patches_resampled_to_16(detector_cfg, tmp_path):

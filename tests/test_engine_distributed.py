@@ -38,6 +38,13 @@ def test_a_process_shown_only_its_own_gpu_takes_cuda_0(gpus, monkeypatch):
     assert init_distributed(None).device == torch.device("cuda", 0)
 
 
+def test_more_processes_than_gpus_are_refused(gpus, monkeypatch):
+    gpus(8)
+    _launched(monkeypatch, local_rank=9, world_size=1)
+    with pytest.raises(ValueError, match=r"process 9 of this node has no GPU of its own: 8 are visible"):
+        init_distributed("cuda")
+
+
 def test_one_explicit_gpu_for_several_processes_is_refused(gpus, monkeypatch):
     gpus(8)
     _launched(monkeypatch, local_rank=0, world_size=4)

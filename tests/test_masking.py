@@ -65,6 +65,14 @@ def test_blocks_never_overshoot_so_every_blocked_patch_is_removed(ratio):
     assert (mask[blocked] == 1).all()
 
 
+def test_small_grids_get_blocks_too():
+    """BEiT's 16-patch minimum is for 14x14 grids; on the tiny preset's 4x4 grid a block of that size never fits
+    (blocks are narrower and shorter than the grid), which would make block masking random in disguise."""
+    noise = masking_noise("block", 64, (4, 4), 0.75)
+    blocked = (noise >= 1).sum(1)
+    assert (blocked > 0).all() and blocked.float().mean() > 10  # of the 12 to mask
+
+
 def test_unknown_strategy_is_named():
     with pytest.raises(ValueError, match="'checkerboard'"):
         masking_noise("checkerboard", 1, (4, 4), 0.75)

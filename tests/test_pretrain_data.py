@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, list_images, pretrain_transform
+from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, list_images, pretrain_transform, to_rgb
 from mae_transfer.models import masking_noise
 from pretrain_helpers import make_image_folder
 
@@ -56,6 +56,11 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     expected = values.astype(np.int64) >> 8  # 257 * k >> 8 == k: the gradient 0..255
     for channel in range(3):
         np.testing.assert_array_equal(np.asarray(image)[..., channel], expected)
+    # 32-bit integer images (mode I) are scaled only when their values exceed 8 bits
+    as_i = Image.fromarray(values.astype(np.int32))
+    assert as_i.mode == "I" and np.array_equal(np.asarray(to_rgb(as_i))[..., 0], expected)
+    eight_bit = Image.fromarray(np.full((4, 4), 200, dtype=np.int32))
+    assert eight_bit.mode == "I" and (np.asarray(to_rgb(eight_bit)) == 200).all()
 
 
 def test_links_are_followed_but_not_round_a_loop(tmp_path, caplog):

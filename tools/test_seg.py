@@ -1,7 +1,8 @@
-"""Evaluate a trained segmentor: mIoU, mAcc, aAcc and per-class IoU / accuracy, printed and written to JSON.
+r"""Evaluate a trained segmentor: mIoU, mAcc, aAcc and per-class IoU / accuracy, printed and written to JSON.
 
     python tools/test_seg.py seg_configs/upernet_mae_vit_base_ade20k_512x512_160k.py work_dirs/.../iter_160000.pth
-    python tools/test_seg.py CONFIG CHECKPOINT --cfg-options model.test_cfg.mode=whole   # whole images, any size
+    python tools/test_seg.py CONFIG CHECKPOINT --cfg-options model.test_cfg.mode=whole \
+        model.data_preprocessor.test_cfg.size_divisor=16       # whole images, any size (padding cut from the output)
     torchrun --nproc_per_node 8 tools/test_seg.py CONFIG CHECKPOINT --launcher pytorch
 
 The metrics go to --json (default WORK_DIR/metrics.json):

@@ -72,7 +72,9 @@ def create_ddp(model, ddp_options, precision: Optional[torch.dtype]):
     bf16's unless training in fp16: without fp16 AMP's loss scale, gradients below fp16's range (~6e-8, reached sooner
     after the average over processes) would arrive as zeros. bf16 keeps float32's range."""
     options = dict(ddp_options)
-    bf16_compression = precision != torch.float16 and options.pop("fp16_compression", False)
+    bf16_compression = False
+    if precision != torch.float16:
+        bf16_compression = options.pop("fp16_compression", False)
     model = create_ddp_model(model, **options)
     if bf16_compression and isinstance(model, DistributedDataParallel):
         model.register_comm_hook(state=None, hook=comm_hooks.bf16_compress_hook)
@@ -92,6 +94,8 @@ def do_train(args, cfg) -> None:
     model = create_ddp(model, cfg.train.ddp, precision)
     trainer = build_trainer(model, train_loader, optimizer, precision)
     checkpointer = ViTDetCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # Training may start from a detector of other classes; a resumed run keeps its own.
+    checkpointer.new_classes = not (args.resume and checkpointer.has_checkpoint())
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),

@@ -4,6 +4,7 @@ Weights we write are safetensors (no code can hide in them), with our metadata a
 so one file is the whole checkpoint and a rename makes it appear complete or not at all.
 """
 import argparse
+import errno
 import json
 import os
 import pickle
@@ -36,12 +37,16 @@ def _temporary_sibling(path: Path) -> Path:
 
 
 def _sync_directory(path: Path) -> None:
-    """Make a rename inside `path` durable: until the directory itself is synced, a power loss may lose the name."""
-    fd = os.open(path, os.O_RDONLY)
+    """Make a rename inside `path` durable: until the directory itself is synced, a power loss may lose the name.
+    Best effort: some filesystems (network mounts) refuse to sync a directory, and the file is in place by then."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _exists_error(path: Path) -> CheckpointError:
@@ -69,6 +74,12 @@ def atomic_path(path, overwrite: bool = True) -> Iterator[Path]:
                 os.link(tmp, path)  # unlike a rename, a link never replaces what is there
             except FileExistsError:
                 raise _exists_error(path) from None
+            except OSError as err:  # no hard links here (exFAT, some network mounts): check, then rename
+                if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                if path.exists():
+                    raise _exists_error(path) from None
+                os.replace(tmp, path)
         _sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
@@ -77,7 +88,8 @@ def atomic_path(path, overwrite: bool = True) -> Iterator[Path]:
 @contextmanager
 def atomic_directory(path) -> Iterator[Path]:
     """Yield a new empty directory beside `path`; on success its files are synced and it is renamed to `path`, on
-    failure it vanishes. Never replaces a directory that appeared meanwhile (a rename would replace an empty one)."""
+    failure it vanishes. `path` is checked again just before the rename, which would replace an empty directory
+    that appeared meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)

@@ -70,9 +70,10 @@ def list_images(root: Path) -> Tuple[List[Path], List[int], List[str]]:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 8-bit RGB. PIL's convert('RGB') clips 16-bit grayscale (16-bit PNGs open as mode I or I;16) at 255,
-    turning nearly every pixel white; such images are scaled to 8 bits first, as OpenCV and mmcv read them."""
-    if image.mode == "I" or image.mode.startswith("I;16"):
+    """`image` as 8-bit RGB. PIL's convert('RGB') clips 16-bit grayscale at 255, turning nearly every pixel white;
+    such images (mode I;16, or the 32-bit mode I older Pillows open 16-bit PNGs as, when values exceed 8 bits) are
+    scaled to 8 bits first, as OpenCV and mmcv read them."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
         image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
 

@@ -7,11 +7,11 @@ was loaded, what is new and what was dropped. The checkpointer accepts two kinds
 
 - an encoder in any format that mae_transfer.checkpoints recognises (MAE reference, timm, ours, a HuggingFace
   ViTMAE directory, ...) for `train.init_checkpoint`: its tensors go under backbone.net, with the patch embedding
-  resampled (ViT-H/14 -> 16) and the position-embedding grid resized where the model's differ;
-- a checkpoint of the whole detector, as this checkpointer saves it, for --resume and --eval-only: loaded 1:1,
-  except that a detector trained for another number of classes (COCO's 80, fine-tuned on a dataset of K) starts its
-  class-specific predictors afresh, as detectron2's own loading does (which skips any mis-shaped tensor; here only
-  these).
+  interpolated as ViTDet did (ViT-H/14 -> 16) and the position-embedding grid resized where the model's differ;
+- a checkpoint of the whole detector, as this checkpointer saves it, for --resume and --eval-only: loaded 1:1.
+  With `new_classes` (training from a detector: train.init_checkpoint), a detector trained for another number of
+  classes (COCO's 80 -> a dataset of K) starts its class-specific predictors afresh, as detectron2's own loading
+  allows (it skips any mis-shaped tensor; here only those, and only in their class dimension).
 """
 import logging
 import os
@@ -117,11 +117,15 @@ class ViTDetCheckpointer(DetectionCheckpointer):
     """detectron2's DetectionCheckpointer (resume, periodic saving, DDP-aware loading) with exact-name loading
     through mae_transfer.checkpoints, safe reading (no arbitrary unpickling) and atomic saving.
 
-    After a load, `loaded` is the path loaded and `loaded_encoder` whether it held an encoder only (a detector's
-    other parts then keep their initialisation)."""
+    `new_classes`: a detector checkpoint of another class count may initialise this one (module docstring); off, as
+    evaluating or resuming such a checkpoint is a mistake. After a load, `loaded` is the path loaded and
+    `loaded_encoder` whether it held an encoder only (a detector's other parts then keep their initialisation)."""
 
-    loaded: Optional[str] = None
-    loaded_encoder: bool = False
+    def __init__(self, model: nn.Module, save_dir: str = "", *, new_classes: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.new_classes = new_classes
+        self.loaded: Optional[str] = None
+        self.loaded_encoder = False
 
     def load(self, path: str, *args, **kwargs) -> dict:
         """As DetectionCheckpointer.load, but a missing checkpoint is a FileNotFoundError naming it (fvcore only
@@ -160,7 +164,8 @@ class ViTDetCheckpointer(DetectionCheckpointer):
             report = load_encoder(self.model, state)
         else:
             model_sd = self.model.state_dict()
-            afresh = [k for k, v in state.items() if k in model_sd and v.shape != model_sd[k].shape
+            afresh = [k for k, v in state.items() if self.new_classes and k in model_sd
+                      and v.shape != model_sd[k].shape and v.shape[1:] == model_sd[k].shape[1:]
                       and any(fnmatchcase(k, pattern) for pattern in CLASS_SPECIFIC)]
             if afresh:
                 self.logger.warning(f"{self.loaded} was trained for another number of classes: its class-specific "

@@ -47,8 +47,14 @@ def _resolve_device(device: Optional[str], local_rank: int, world_size: int) -> 
             raise ValueError(f"--device {device} would put all {world_size} processes on one GPU: use --device "
                              "cuda (each process takes the GPU of its LOCAL_RANK)")
         if dev.index is None:
-            # modulo: launchers that give each process its own CUDA_VISIBLE_DEVICES show it as cuda:0
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+            visible = torch.cuda.device_count()
+            if visible == 1:  # launchers that give each process its own CUDA_VISIBLE_DEVICES show it as cuda:0
+                dev = torch.device("cuda", 0)
+            elif local_rank < visible:
+                dev = torch.device("cuda", local_rank)
+            else:
+                raise ValueError(f"process {local_rank} of this node has no GPU of its own: {visible} are visible; "
+                                 f"start at most {visible} processes per node (torchrun --nproc_per_node)")
         torch.cuda.set_device(dev)
     return dev
 

@@ -5,7 +5,7 @@ scores are kept. This is the reference's random masking when `noise` is uniform,
 grid-wise masking (the paper's Table 1 ablation) reuse exactly the same gather / unshuffle path.
 """
 import math
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -48,13 +48,18 @@ def _uniform(a: float, b: float) -> float:
 
 
 def block_noise(n: int, grid: Tuple[int, int], mask_ratio: float, device=None,
-                min_block: int = 16, min_aspect: float = 0.3) -> torch.Tensor:
+                min_block: Optional[int] = None, min_aspect: float = 0.3) -> torch.Tensor:
     """Block-wise masking, BEiT's MaskingGenerator (the paper's Table 1 uses it): rectangles of >= min_block patches
-    and aspect ratio in [min_aspect, 1/min_aspect], each adding only as many new patches as the target still
-    allows, until ten tries in a row add none. Blocked patches score highest, so all of them are removed; BEiT may
-    fall a few patches short of the target, and those are taken at random from outside the blocks (ties are broken
-    at random), which makes the kept count exact."""
+    and aspect ratio in [min_aspect, 1/min_aspect], narrower and shorter than the grid, each adding only as many new
+    patches as the target still allows, until ten tries in a row add none. Blocked patches score highest, so all of
+    them are removed; BEiT may fall a few patches short of the target, and those are taken at random from outside
+    the blocks (ties are broken at random), which makes the kept count exact.
+
+    min_block: BEiT's 16 patches on a 14x14 grid, scaled to the grid's area by default (a 16-patch block does not
+    fit a grid smaller than 5x5, where masking would silently be random)."""
     gh, gw = grid
+    if min_block is None:
+        min_block = max(1, round(16 * gh * gw / (14 * 14)))
     target = gh * gw - num_kept(gh * gw, mask_ratio)
     blocked = torch.zeros(n, gh, gw, dtype=torch.bool)
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
