@@ -101,6 +101,13 @@ def test_flop_count_equals_the_hand_formula():
     counted = benchmark_pretrain.count_flops(lambda x: model(x, mask_ratio=0.75)[0], torch.randn(1, 3, 32, 32))
     assert counted == expected
 
+    # Table 2's baseline: the same model with its encoder over every patch (L + 1 tokens) and no unshuffling.
+    baseline = benchmark_pretrain.EncoderWithMaskTokens(model)
+    encoder_all = 2 * (24 * (L + 1) * D * D + 4 * (L + 1) ** 2 * D)
+    forward_all = patch_embed + encoder_all + decoder + 2 * (L + 1) * D * Dd + 2 * (L + 1) * Dd * P
+    counted = benchmark_pretrain.count_flops(lambda x: baseline(x, mask_ratio=0.75), torch.randn(1, 3, 32, 32))
+    assert counted == 3 * forward_all - patch_embed
+
 
 def test_benchmark_prints_the_table(capsys):
     benchmark_pretrain.main(["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "2",
