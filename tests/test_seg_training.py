@@ -158,6 +158,15 @@ def test_per_class_iou_and_accuracy_by_hand():
     assert metrics["aAcc"] == pytest.approx(100 * 5 / 7, abs=0.005)
 
 
+def test_amp_without_a_gpu_is_refused_by_name(world, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="--amp needs a CUDA GPU"):
+        _tool("train_seg").main([str(CONFIG), "--work-dir", str(tmp_path / "work"), "--data-root", str(world),
+                                 "--amp"])
+    assert not (tmp_path / "work").exists()  # refused before anything was written
+
+
 def test_missing_annotation_is_a_clear_error(world, tmp_path):
     broken = tmp_path / "ade"
     shutil.copytree(world, broken)

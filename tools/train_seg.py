@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 
+import torch
 from mmengine.config import DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
@@ -38,6 +39,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.amp and not torch.cuda.is_available():  # mmengine's AmpOptimWrapper would only assert deep inside
+        raise SystemExit("--amp needs a CUDA GPU (mmengine's AmpOptimWrapper trains on accelerators only); "
+                         "drop --amp to train in float32 here")
     cfg = load_config(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, data_root=args.data_root,
                       launcher=args.launcher)
     if args.amp:
