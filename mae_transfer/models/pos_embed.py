@@ -45,30 +45,28 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Sequence[int], old_grid:
                                   num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)
 
 
-def pos_embed_grid(pos_embed: torch.Tensor, num_prefix_tokens: Optional[int] = None,
-                   name: str = "pos_embed") -> Tuple[int, int]:
+def pos_embed_grid(pos_embed: torch.Tensor, num_prefix_tokens: Optional[int] = None) -> Tuple[int, int]:
     """(side, prefix rows) of a (1, prefix + side*side, D) table: pretrained grids are square, and a flattened table
     does not record its grid otherwise. Without `num_prefix_tokens` the prefix is read off the row count as what lies
     above the largest square, which recognises a cls row (n and n + 1 are never both squares for n > 0).
-    Raises ValueError naming `name` if the rows are not the prefix plus a square."""
+    Raises ValueError if the rows are not the prefix plus a square (Checkpoint.pos_embed_for adds the file)."""
     rows = pos_embed.shape[1]
     if num_prefix_tokens is None:
         side = math.isqrt(rows)
         return side, rows - side * side
     side = math.isqrt(max(rows - num_prefix_tokens, 0))
     if side * side != rows - num_prefix_tokens:
-        raise ValueError(f"{name} {tuple(pos_embed.shape)} is not {num_prefix_tokens} prefix row(s) plus a square "
+        raise ValueError(f"pos_embed {tuple(pos_embed.shape)} is not {num_prefix_tokens} prefix row(s) plus a square "
                          f"grid of patches, so its grid is unknown and it cannot be resized")
     return side, num_prefix_tokens
 
 
-def fit_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int = 1,
-                  name: str = "pos_embed") -> torch.Tensor:
+def fit_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int = 1) -> torch.Tensor:
     """`pos_embed` for a model with an (h, w) patch grid: itself if it has that many rows (taken as laid out for it),
     else a square pretrained grid resized bicubically (resize_pos_embed), the prefix rows kept."""
     if pos_embed.shape[1] == num_prefix_tokens + grid[0] * grid[1]:
         return pos_embed
-    side, _ = pos_embed_grid(pos_embed, num_prefix_tokens, name)
+    side, _ = pos_embed_grid(pos_embed, num_prefix_tokens)
     return resize_pos_embed(pos_embed, grid, (side, side), num_prefix_tokens=num_prefix_tokens)
 
 

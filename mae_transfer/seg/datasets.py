@@ -11,13 +11,12 @@ its image as mmseg decodes it, turned by its EXIF orientation (when the sample i
 import os.path as osp
 from typing import List, Tuple
 
-from PIL import Image
+from PIL import ExifTags, Image
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 
 __all__ = ["ADE20KLayoutDataset"]
 
-_EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}  # orientations that turn the image by 90 degrees
 
 
@@ -25,7 +24,7 @@ def _decoded_size(img: Image.Image) -> Tuple[int, int]:
     """(W, H) of an image as mmseg's LoadImageFromFile decodes it: OpenCV applies the EXIF orientation, while label
     maps are read as stored. Without this check a turned photo trains on misaligned labels."""
     w, h = img.size
-    return (h, w) if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED else (w, h)
+    return (h, w) if img.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSED else (w, h)
 
 
 @DATASETS.register_module()
