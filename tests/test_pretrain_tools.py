@@ -111,8 +111,17 @@ def test_flop_count_equals_the_hand_formula():
 
 def test_benchmark_prints_the_table(capsys):
     benchmark_pretrain.main(["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "2",
-                             "--warmup", "1", "--steps", "1", "--device", "cpu", "--threads", "1"])
+                             "--warmup", "1", "--steps", "1", "--device", "cpu", "--threads", "1", "--rounds", "2"])
     out = capsys.readouterr().out
     for row in ("ours (encoder on visible patches)", "ours, encoder w/ mask tokens", "ViTMAE", "matmul peak",
-                "at equal matmul speed", "Table 2 speed-up", "ours / transformers"):
+                "at equal matmul speed", "Table 2 speed-up", "ours / transformers", "median over 2 rounds"):
         assert row in out
+    assert out.count("x (rounds ") == 4  # two ratios, each raw and at equal matmul speed
+
+
+def test_benchmark_ratio_is_the_median_of_ratios_within_a_round():
+    # Round 2 ran at half speed throughout: its rows are slower, but its ratio is the same as round 1's and 3's.
+    base = [dict(step_s=1.0), dict(step_s=2.0), dict(step_s=1.0)]
+    rows = [dict(step_s=3.0), dict(step_s=6.0), dict(step_s=3.3)]
+    assert benchmark_pretrain.ratio_over_rounds(rows, base, "step_s") == "3.00x (rounds 3.00-3.30)"
+    assert benchmark_pretrain.ratio_over_rounds(rows[:1], base[:1], "step_s") == "3.00x"

@@ -15,7 +15,9 @@ which the counter sees). After every timed step one large matmul is timed too: M
 time x that matmul rate (the machine's practical peak at that moment), the median over steps, so a shared or throttled
 machine whose speed drifts between rows still gives comparable rows; ratios are printed both raw and at equal
 matmul speed. Each row runs in a fresh process; its memory is the peak allocated on the GPU, or on CPU the growth of
-its peak resident set over its size before training.
+its peak resident set over its size before training. The rows are measured in --rounds rounds (every other one in
+reverse order); the table gives medians over rounds, and each ratio is the median of the ratios within a round, with
+their range: one run per row can land a few percent either side of 1.0 on a shared 2-core VM.
 """
 import argparse
 import multiprocessing
@@ -206,18 +208,27 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's, all cores)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
                         help="what to measure; the first is the baseline of the ratios")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure every row this many times, in turn (medians and the ratios' range reported)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = torch.bfloat16 if device.type == "cuda" else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = []
-    # Each row in a fresh process: peak memory is its own, and no row inherits another's allocator state.
+    # Each row in a fresh process: peak memory is its own, and no row inherits another's allocator state. Rows run
+    # in rounds, every other round in reverse order: a VM's speed drifts over minutes, and a ratio taken within a
+    # round, between rows measured next to each other, drifts much less than rows measured once each.
+    rounds: Dict[str, List[Dict[str, float]]] = {row: [] for row in args.rows}
     context = multiprocessing.get_context("spawn")
-    for row in args.rows:
-        with context.Pool(1) as pool:
-            results.append(dict(pool.apply(measure, (row, args, device)), row=row))
+    for r in range(args.rounds):
+        for row in args.rows if r % 2 == 0 else args.rows[::-1]:
+            with context.Pool(1) as pool:
+                rounds[row].append(pool.apply(measure, (row, args, device)))
+    results = [dict({k: statistics.median(m[k] for m in rounds[row]) for k in rounds[row][0]}, row=row)
+               for row in args.rows]
     names = dict(ROWS)
     if "transformers" in args.rows:
         import transformers
@@ -227,7 +238,8 @@ def main(argv=None) -> None:
     print(f"\nMAE pretraining step: {args.model}, batch {args.batch_size}, {args.input_size}px, mask ratio 0.75, "
           f"{device.type} ({where}), {'bf16 autocast' if amp else 'fp32'}, fused AdamW"
           f"{', torch.compile (ours)' if args.compile else ''}, torch {torch.__version__}")
-    print(f"MFU: model FLOP/s over the {amp or torch.float32} matmul peak measured after each step (median)\n")
+    print(f"MFU: model FLOP/s over the {amp or torch.float32} matmul peak measured after each step; every figure "
+          f"is the median over {args.rounds} round{'s' * (args.rounds > 1)}\n")
     header = (f"{'':44s} {'images/s':>10s} {'step ms':>10s} {'peak mem GiB':>13s} {'GFLOP/img':>10s} "
               f"{'TFLOP/s':>9s} {'matmul peak':>12s} {'MFU':>6s}")
     print(header)
@@ -237,11 +249,19 @@ def main(argv=None) -> None:
               f"{r['memory'] / 2**30:13.2f} {r['flops'] / args.batch_size / 1e9:10.1f} "
               f"{r['flops'] / r['step_s'] / 1e12:9.3f} {r['peak'] / 1e12:12.3f} {100 * r['flops'] / r['cost']:5.1f}%")
     print()
-    base = results[0]
-    for r in results[1:]:
-        what = {"mask_tokens": f"Table 2 speed-up (step time of encoder w/ mask tokens / {base['row']})",
-                "transformers": f"{base['row']} / transformers (images/s)"}.get(r["row"], names[r["row"]])
-        print(f"{what}: {r['step_s'] / base['step_s']:.2f}x; at equal matmul speed {r['cost'] / base['cost']:.2f}x")
+    base = args.rows[0]
+    for row in args.rows[1:]:
+        what = {"mask_tokens": f"Table 2 speed-up (step time of encoder w/ mask tokens / {base})",
+                "transformers": f"{base} / transformers (images/s)"}.get(row, names[row])
+        raw, equal = (ratio_over_rounds(rounds[row], rounds[base], key) for key in ("step_s", "cost"))
+        print(f"{what}: {raw}; at equal matmul speed {equal}")
+
+
+def ratio_over_rounds(rows: List[Dict[str, float]], base: List[Dict[str, float]], key: str) -> str:
+    """The median of the per-round ratios row[key] / base[key], and their range when there are several rounds."""
+    ratios = sorted(r[key] / b[key] for r, b in zip(rows, base))
+    spread = f" (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}x{spread}"
 
 
 if __name__ == "__main__":
