@@ -123,5 +123,7 @@ def test_benchmark_ratio_is_the_median_of_ratios_within_a_round():
     # Round 2 ran at half speed throughout: its rows are slower, but its ratio is the same as round 1's and 3's.
     base = [dict(step_s=1.0), dict(step_s=2.0), dict(step_s=1.0)]
     rows = [dict(step_s=3.0), dict(step_s=6.0), dict(step_s=3.3)]
-    assert benchmark_pretrain.ratio_over_rounds(rows, base, "step_s") == "3.00x (rounds 3.00-3.30)"
-    assert benchmark_pretrain.ratio_over_rounds(rows[:1], base[:1], "step_s") == "3.00x"
+    ratios = benchmark_pretrain.round_ratios(rows, base, "step_s")
+    assert ratios == pytest.approx([3.0, 3.0, 3.3])
+    assert benchmark_pretrain.format_ratios(ratios) == "3.00x (rounds 3.00-3.30)"
+    assert benchmark_pretrain.format_ratios(ratios[:1]) == "3.00x"

@@ -17,7 +17,9 @@ tools/benchmark_pretrain.py (whose helpers this reuses), the peak allocated on t
 peak resident set over its size once the model and input exist; every measurement runs in a fresh process, so no
 row counts another's allocations. Ratios are stock / ours: above 1, ours is faster / smaller. "(eq. speed)" is the
 time ratio at equal matmul speed: each step's time times the matmul rate measured right after it, which cancels a
-shared machine's drift between the two processes (tools/benchmark_pretrain.py's MatmulProbe).
+shared machine's drift between the two processes (tools/benchmark_pretrain.py's MatmulProbe). The two are measured
+in turn --rounds times (every other round stock first); times and memory are medians over rounds, each ratio the
+median of the ratios within a round, and "eq. range" the range of those at equal matmul speed.
 """
 import argparse
 import multiprocessing
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_pretrain import MatmulProbe, resident_bytes, time_step  # noqa: E402  (its probes)
+from benchmark_pretrain import MatmulProbe, medians, resident_bytes, round_ratios, time_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"det": ("detectron2 ViT", 1024), "seg": ("mmseg MAE", 512)}  # stock implementation, default size
@@ -113,28 +115,32 @@ def measure(task: str, stock: bool, mode: str, args: argparse.Namespace) -> Dict
 
 
 def benchmark(args: argparse.Namespace) -> List[dict]:
-    """One row per (task, mode): ours and the stock implementation, each measured in its own process."""
+    """One row per (task, mode): ours and the stock implementation, each measured in its own process, in turn."""
     context = multiprocessing.get_context("spawn")
     rows = []
     for task in args.tasks:
         for mode in MODES:
-            row = {"task": task, "mode": mode, "size": args.size or TASKS[task][1]}
-            for impl, stock in (("ours", False), ("stock", True)):
-                with context.Pool(1) as pool:
-                    row[impl] = pool.apply(measure, (task, stock, mode, args))
-            rows.append(row)
+            runs: Dict[str, List[Dict[str, float]]] = {"ours": [], "stock": []}
+            for r in range(args.rounds):
+                for impl in ("ours", "stock") if r % 2 == 0 else ("stock", "ours"):
+                    with context.Pool(1) as pool:
+                        runs[impl].append(pool.apply(measure, (task, impl == "stock", mode, args)))
+            rows.append({"task": task, "mode": mode, "size": args.size or TASKS[task][1],
+                         **{impl: medians(runs[impl]) for impl in runs},
+                         "ratios": {key: round_ratios(runs["stock"], runs["ours"], key) for key in ("ms", "cost")}})
     return rows
 
 
 def format_table(rows: List[dict]) -> str:
     header = (f"{'backbone':28s} {'size':>5s} {'mode':18s} {'ours ms':>9s} {'stock ms':>9s} {'stock/ours':>10s} "
-              f"{'(eq. speed)':>11s} {'ours MiB':>9s} {'stock MiB':>9s} {'stock/ours':>10s}")
+              f"{'(eq. speed)':>11s} {'eq. range':>10s} {'ours MiB':>9s} {'stock MiB':>9s} {'stock/ours':>10s}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        ours, stock = r["ours"], r["stock"]
+        ours, stock, equal = r["ours"], r["stock"], r["ratios"]["cost"]
         name = f"{r['task']}: ours vs {TASKS[r['task']][0]}"
         lines.append(f"{name:28s} {r['size']:5d} {r['mode']:18s} {ours['ms']:9.1f} {stock['ms']:9.1f} "
-                     f"{stock['ms'] / ours['ms']:10.2f} {stock['cost'] / ours['cost']:11.2f} "
+                     f"{statistics.median(r['ratios']['ms']):10.2f} {statistics.median(equal):11.2f} "
+                     f"{f'{equal[0]:.2f}-{equal[-1]:.2f}':>10s} "
                      f"{ours['mib']:9.0f} {stock['mib']:9.0f} {stock['mib'] / max(ours['mib'], 1e-9):10.2f}")
     return "\n".join(lines)
 
@@ -151,14 +157,17 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--iters", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's, all cores)")
+    parser.add_argument("--rounds", type=int, default=3, help="measure ours and stock in turn this many times")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
     rows = benchmark(args)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     precision = f"{args.amp} autocast" if device.type == "cuda" and AMP[args.amp] else "fp32"
     print(f"\nViT-{args.arch} backbones, batch {args.batch}, {where}, {precision}, torch {torch.__version__}; "
-          f"median of {args.iters} steps")
+          f"median of {args.iters} steps, {args.rounds} round{'s' * (args.rounds > 1)}")
     print(format_table(rows))
     return rows
 

@@ -227,8 +227,7 @@ def main(argv=None) -> None:
         for row in args.rows if r % 2 == 0 else args.rows[::-1]:
             with context.Pool(1) as pool:
                 rounds[row].append(pool.apply(measure, (row, args, device)))
-    results = [dict({k: statistics.median(m[k] for m in rounds[row]) for k in rounds[row][0]}, row=row)
-               for row in args.rows]
+    results = [dict(medians(rounds[row]), row=row) for row in args.rows]
     names = dict(ROWS)
     if "transformers" in args.rows:
         import transformers
@@ -253,13 +252,21 @@ def main(argv=None) -> None:
     for row in args.rows[1:]:
         what = {"mask_tokens": f"Table 2 speed-up (step time of encoder w/ mask tokens / {base})",
                 "transformers": f"{base} / transformers (images/s)"}.get(row, names[row])
-        raw, equal = (ratio_over_rounds(rounds[row], rounds[base], key) for key in ("step_s", "cost"))
+        raw, equal = (format_ratios(round_ratios(rounds[row], rounds[base], key)) for key in ("step_s", "cost"))
         print(f"{what}: {raw}; at equal matmul speed {equal}")
 
 
-def ratio_over_rounds(rows: List[Dict[str, float]], base: List[Dict[str, float]], key: str) -> str:
-    """The median of the per-round ratios row[key] / base[key], and their range when there are several rounds."""
-    ratios = sorted(r[key] / b[key] for r, b in zip(rows, base))
+def medians(rounds: List[Dict[str, float]]) -> Dict[str, float]:
+    """Each figure's median over the rounds of one row."""
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+def round_ratios(rows: List[Dict[str, float]], base: List[Dict[str, float]], key: str) -> List[float]:
+    """row[key] / base[key] within each round, sorted: their median is the ratio reported, their ends its range."""
+    return sorted(r[key] / b[key] for r, b in zip(rows, base))
+
+
+def format_ratios(ratios: List[float]) -> str:
     spread = f" (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
     return f"{statistics.median(ratios):.2f}x{spread}"
 
