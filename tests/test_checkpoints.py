@@ -2,13 +2,14 @@ import argparse
 import errno
 import os
 import stat
+import tempfile
 
 import pytest
 import torch
 
 import mae_transfer.checkpoints.io as ckpt_io
-from mae_transfer.checkpoints import (CheckpointError, load_into, read_checkpoint, save_checkpoint,
-                                      save_training_state, load_training_state)
+from mae_transfer.checkpoints import (CheckpointError, atomic_directory, atomic_path, load_into, read_checkpoint,
+                                      save_checkpoint, save_training_state, load_training_state)
 from mae_transfer.checkpoints.convert import convert, write
 from mae_transfer.models import MaskedAutoencoderViT, vit_tiny_patch16
 
@@ -157,6 +158,27 @@ def test_written_files_and_directories_get_the_modes_the_umask_gives(tmp_path, u
     assert modes == {"ours.safetensors": file_mode, "state.pth": file_mode, "hf": dir_mode,
                      "hf/config.json": file_mode, "hf/model.safetensors": file_mode}
     assert hf_dir == tmp_path / "hf"
+
+
+def test_a_writer_s_private_temporary_does_not_make_the_checkpoint_private(tmp_path):
+    # safetensors >= 0.8 writes every file as a 0o600 temporary renamed into place (safetensors#782); a writer
+    # doing so here still leaves a file with the mode the umask gives, inside a directory or not.
+    def write_privately(path):
+        fd, private = tempfile.mkstemp(dir=path.parent)  # 0o600
+        os.write(fd, b"weights")
+        os.close(fd)
+        os.replace(private, path)
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "model.safetensors") as tmp:
+            write_privately(tmp)
+        with atomic_directory(tmp_path / "hf") as tmp:
+            write_privately(tmp / "model.safetensors")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "model.safetensors", tmp_path / "hf" / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 and path.read_bytes() == b"weights"
 
 
 def test_incomplete_checkpoint_names_the_file_and_the_missing_tensor(tmp_path):

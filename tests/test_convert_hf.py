@@ -1,10 +1,12 @@
 """The 'hf' format against transformers' own ViTMAE (a test-only dependency): the same network, to 1e-4."""
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
-from transformers.models.vit_mae.modeling_vit_mae import get_2d_sincos_pos_embed
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings
 
 from convert_helpers import listing, load_tool, tiny_mae
 from mae_transfer.checkpoints import CheckpointError, load_into, read_checkpoint, save_checkpoint
@@ -31,7 +33,7 @@ def test_transformers_builds_our_model_from_the_converted_directory(tmp_path):
                                                                                              "model.safetensors"]
 
     hf, info = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
-    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == ([], [], [])
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])  # lists (4.x) or sets
     assert hf.config.layer_norm_eps == 1e-6 and hf.config.norm_pix_loss and hf.config.num_attention_heads == 3
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     with torch.no_grad():
@@ -51,11 +53,13 @@ def test_a_transformers_saved_model_reads_as_ours(tmp_path):
     assert ckpt.meta == {"num_heads": 3, "decoder_num_heads": 4, "norm_pix_loss": True, "mask_ratio": 0.75,
                          "layer_norm_eps": 1e-6}
     # transformers' sin-cos tables are the reference's (first half of the channels = the column index), so the
-    # format copies them as they are. (A freshly built ViTMAEForPreTraining zeroes its decoder table, hence the
-    # second check on transformers' table function itself.)
-    torch.testing.assert_close(ckpt.state_dict["pos_embed"], sincos_pos_embed_2d(192, (4, 4)))
-    hf_table = torch.from_numpy(get_2d_sincos_pos_embed(128, 4, add_cls_token=True)).float().unsqueeze(0)
-    torch.testing.assert_close(hf_table, sincos_pos_embed_2d(128, (4, 4)))
+    # format copies them as they are. transformers' own table, as its ViTMAE embeddings build it (a freshly built
+    # ViTMAEForPreTraining zeroes its decoder table, and transformers 5 skips the encoder's too):
+    embeddings = ViTMAEEmbeddings(hf_tiny_config(hidden_size=128))
+    embeddings.initialize_weights()
+    torch.testing.assert_close(embeddings.position_embeddings.detach(), sincos_pos_embed_2d(128, (4, 4)))
+    torch.testing.assert_close(ckpt.state_dict["pos_embed"], hf.vit.embeddings.position_embeddings.detach())
+    torch.testing.assert_close(ckpt.state_dict["decoder_pos_embed"], hf.decoder.decoder_pos_embed.detach())
 
     ours = tiny_mae(norm_pix_loss=True)
     load_into(ours, ckpt.state_dict, dropped=())
@@ -65,6 +69,26 @@ def test_a_transformers_saved_model_reads_as_ours(tmp_path):
         out = hf(pixel_values=imgs, noise=noise)
     torch.testing.assert_close(pred, out.logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(loss, out.loss, atol=1e-4, rtol=0)
+
+
+def test_the_decoder_names_of_transformers_4_and_5_read_alike(tmp_path):
+    # transformers 5 (5.24 seen) saves a ViTMAEForPreTraining as 4.x did but for the decoder's blocks, which it
+    # names decoder.decoder_encoder.layer.N where 4.x wrote decoder.decoder_layers.N. Write the file both ways.
+    torch.manual_seed(0)
+    ViTMAEForPreTraining(hf_tiny_config()).save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    names = {4: "decoder.decoder_layers.", 5: "decoder.decoder_encoder.layer."}
+    states = {}
+    for version, name in names.items():
+        (tmp_path / str(version)).mkdir()
+        shutil.copy(tmp_path / "saved" / "config.json", tmp_path / str(version))
+        other = names[9 - version]
+        save_file({k.replace(other, name): v for k, v in saved.items()}, tmp_path / str(version) / "model.safetensors")
+        states[version] = read_checkpoint(tmp_path / str(version)).state_dict
+    assert states[4].keys() == states[5].keys() and all(torch.equal(states[4][k], states[5][k]) for k in states[4])
+    # 2 decoder blocks of 16 tensors in transformers' layout, of 12 in ours (q, k and v fused)
+    assert sum(k.startswith(tuple(names.values())) for k in saved) == 2 * 16
+    assert sum(k.startswith("decoder_blocks.") for k in states[5]) == 2 * 12
 
 
 def test_encoder_only_goes_to_a_vitmae_model_both_ways(tmp_path):
@@ -78,7 +102,7 @@ def test_encoder_only_goes_to_a_vitmae_model_both_ways(tmp_path):
     assert convert_tool.main([str(src), str(tmp_path / "hf"), "--to", "hf", "--encoder-only"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["ViTMAEModel"]
     hf, info = ViTMAEModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
-    assert (info["missing_keys"], info["unexpected_keys"]) == ([], [])
+    assert not (info["missing_keys"] or info["unexpected_keys"])
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     with torch.no_grad():
         latent, mask, _ = ours.forward_masked(imgs, 0.75, noise=noise)
@@ -86,12 +110,13 @@ def test_encoder_only_goes_to_a_vitmae_model_both_ways(tmp_path):
     torch.testing.assert_close(out.last_hidden_state, latent, atol=1e-4, rtol=0)
     assert torch.equal(out.mask, mask)
 
-    # ViTMAEModel.save_pretrained writes the encoder without the 'vit.' prefix, in safetensors shards or as a
-    # legacy pytorch_model.bin: each reads back all the same.
+    # ViTMAEModel.save_pretrained writes the encoder without the 'vit.' prefix, in safetensors shards or (before
+    # transformers 5, as the older Hub models are) in a pytorch_model.bin: each reads back all the same.
     hf.save_pretrained(tmp_path / "hf_shards", max_shard_size="1MB")
-    hf.save_pretrained(tmp_path / "hf_bin", safe_serialization=False)
     assert "model.safetensors.index.json" in listing(tmp_path / "hf_shards")
-    assert "pytorch_model.bin" in listing(tmp_path / "hf_bin")
+    (tmp_path / "hf_bin").mkdir()
+    shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "hf_bin")
+    torch.save(load_file(tmp_path / "hf" / "model.safetensors"), tmp_path / "hf_bin" / "pytorch_model.bin")
     for saved in ("hf_shards", "hf_bin"):
         back = read_checkpoint(tmp_path / saved)
         assert (back.format, back.kind) == ("hf", "encoder") and "decoder_num_heads" not in back.meta

@@ -10,6 +10,7 @@ import os
 import pickle
 import secrets
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Tuple
@@ -56,15 +57,21 @@ def _exists_error(path: Path) -> CheckpointError:
 @contextmanager
 def atomic_path(path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it vanishes.
-    With overwrite=False a `path` that exists by then is left as it is (a CheckpointError)."""
+    With overwrite=False a `path` that exists by then is left as it is (a CheckpointError).
+
+    The file gets the mode open() gives a new file (0o666 less the umask), whatever the writer did: safetensors >= 0.8
+    writes through a 0o600 temporary renamed into place (safetensors#782), which would leave the weights readable by
+    their writer alone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
     # Not tempfile.mkstemp: its 0o600 would survive the rename. Created as open() creates files (0o666 less the
     # umask); O_EXCL claims the name.
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # the writer may have replaced the file with one of its own (see above)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if overwrite:
@@ -94,10 +101,12 @@ def atomic_directory(path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
     tmp.mkdir()  # not tempfile.mkdtemp, whose 0o700 would survive the rename: 0o777 less the umask, as mkdir gives
+    file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666  # 0o666 less the same umask, as open() gives a new file
     try:
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
+                os.chmod(file, file_mode)  # whatever the writer gave it, as in atomic_path
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
         if path.exists():

@@ -5,9 +5,10 @@ Same network as the reference, other names:
   dimension in q, k, v order (the order timm's and the reference's qkv uses);
 - a block's norm1/norm2 are layernorm_before/layernorm_after, attn.proj is attention.output.dense, mlp.fc1/fc2 are
   intermediate.dense/output.dense; encoder tensors sit under 'vit.' (no prefix when saved by `ViTMAEModel`), the
-  decoder's under 'decoder.' with decoder_blocks renamed decoder_layers.
-- position tables are copied as they are: transformers' get_2d_sincos_pos_embed builds exactly the reference's table
-  (its "emb_h" half is fed the column coordinates, so the first half of the channels encodes the column, as ours).
+  decoder's under 'decoder.' with decoder_blocks renamed decoder_layers (decoder_encoder.layer in files saved by
+  transformers 5, which reads both).
+- position tables are copied as they are: transformers' ViTMAE builds exactly the reference's table (the first half
+  of the channels encodes the column, as ours; transformers 5 says so, swapping its canonical table's halves).
 Architecture hyper-parameters that tensors cannot show (heads, norm_pix_loss, mask ratio) live in config.json:
 `hf_config` writes it from ours, `meta_from_config` reads it back. No import of transformers here.
 """
@@ -83,8 +84,11 @@ def from_canonical(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 _HF_TOP = {v: k for k, v in _TOP.items()}
 _HF_BLOCK = {v: k for k, v in _BLOCK.items()}
-_HF_STACKS = {v: k for k, v in _STACKS.items()}
-_HF_BLOCK_KEY = re.compile(r"(vit\.encoder\.layer|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)")
+# transformers 5 keeps the layout above in the files it saves but for the decoder's blocks, which it writes as
+# decoder.decoder_encoder.layer.N (it renames its own modules vit.layers -> vit.encoder.layer on saving, and the
+# renaming catches decoder_layers too); it reads them back under either name, and so do we.
+_HF_STACKS = {**{v: k for k, v in _STACKS.items()}, "decoder.decoder_encoder.layer": "decoder_blocks"}
+_HF_BLOCK_KEY = re.compile(rf"({'|'.join(map(re.escape, _HF_STACKS))})\.(\d+)\.(.+)\.(weight|bias)")
 
 
 def to_canonical(sd: Mapping[str, torch.Tensor]) -> StateDict:
