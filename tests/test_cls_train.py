@@ -173,6 +173,18 @@ def test_finetuning_learns_and_eval_reproduces_the_final_metrics(blobs, encoder,
     assert saved["top1"] == metrics["top1"] and saved["top5"] == metrics["top5"]
 
 
+def test_bf16_autocast_finetuning_follows_fp32_on_cpu(blobs, encoder, tmp_path):
+    # --amp bf16's path (training with mixup and evaluation, under autocast) on the CPU's bf16 kernels: it does run
+    # in bf16, follows the fp32 run, and saves fp32 weights.
+    metrics = {amp: run(blobs, tmp_path / amp, "--finetune", str(encoder), "--epochs", "2", "--warmup_epochs", "1",
+                        "--lr", "5e-4", "--aa", "none", "--reprob", "0", "--drop_path", "0", "--amp", amp)
+               for amp in ("none", "bf16")}
+    assert metrics["bf16"]["loss"] != metrics["none"]["loss"]
+    assert metrics["bf16"]["loss"] == pytest.approx(metrics["none"]["loss"], rel=2e-3)  # 1.5e-4 apart, seen
+    weights = read_checkpoint(tmp_path / "bf16" / "classifier.safetensors").state_dict
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
 def test_linear_probe_leaves_the_encoder_as_loaded(blobs, encoder, tmp_path):
     run(blobs, tmp_path, "--mode", "linprobe", "--finetune", str(encoder), "--epochs", "2",
         "--warmup_epochs", "1", "--max_steps", "3")
