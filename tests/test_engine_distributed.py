@@ -28,8 +28,11 @@ def _launched(monkeypatch, local_rank, world_size):
 def test_each_process_takes_the_gpu_of_its_local_rank(gpus, monkeypatch):
     chosen = gpus(8)
     _launched(monkeypatch, local_rank=3, world_size=1)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert init_distributed("cpu").device == torch.device("cpu") and not torch.backends.cudnn.benchmark
     assert init_distributed("cuda").device == torch.device("cuda", 3)
     assert chosen == [torch.device("cuda", 3)]
+    assert torch.backends.cudnn.benchmark  # autotuned convolutions on a GPU, as in the reference
 
 
 def test_a_process_shown_only_its_own_gpu_takes_cuda_0(gpus, monkeypatch):

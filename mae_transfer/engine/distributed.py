@@ -69,6 +69,10 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = _resolve_device(device, local_rank, world_size)
+    if dev.type == "cuda":
+        # As the reference's scripts do: a run's input size is fixed, so cuDNN's autotuned algorithm for the patch
+        # embedding's convolution is found once and then pays at every step.
+        torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size,
