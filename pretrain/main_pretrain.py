@@ -5,9 +5,11 @@ submitit wrapper's own flags aside: run torchrun instead).
     torchrun --nproc_per_node 8 pretrain/main_pretrain.py --preset large-1600 --data_path /datasets/imagenet ...
 
 Writes into --output_dir: checkpoint-N.pth (resumable training state, also readable as a reference-style
-checkpoint by every transfer path), log.jsonl (one JSON object per logging step and per epoch), and at the end
+checkpoint by every transfer path), log.jsonl (one JSON object per logging step and per epoch), reconstructions.png
+(four training images as the latest checkpoint reconstructs them, the paper's Figure 2 style), and at the end
 encoder.safetensors (the encoder in the reference's mae_pretrain_vit_*.pth key layout, loadable by timm) and
-mae_full.safetensors (encoder + decoder, for visualising reconstructions). TensorBoard scalars go to --log_dir.
+mae_full.safetensors (encoder + decoder, for visualising reconstructions). TensorBoard scalars, and the
+reconstructions at every checkpoint, go to --log_dir.
 """
 import argparse
 import time
@@ -17,13 +19,14 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from mae_transfer.checkpoints import save_checkpoint
-from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform
+from mae_transfer.checkpoints import atomic_path, save_checkpoint
+from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, center_crop_transform, pretrain_transform
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, adamw, add_batch_flags,
                                  add_precision_flags, add_run_flags, data_parallel, distributed_run,
                                  exit_on_non_finite, param_groups, resume, save_epoch, scaled_lr, seed_everything,
                                  train_one_epoch, training_loader, warmup_cosine)
-from mae_transfer.models import MASKING_STRATEGIES, MODELS, create_model, masking_noise
+from mae_transfer.models import MASKING_STRATEGIES, MODELS, MaskedAutoencoderViT, create_model, masking_noise
+from mae_transfer.models.reconstruction import reconstruction_picture
 from presets import PRESETS
 
 
@@ -94,6 +97,25 @@ def mae_step(model: torch.nn.Module, batch, *, mask_ratio: float, device: torch.
     return loss, {"unreadable_images": int(unreadable.sum())}
 
 
+def preview_images(dataset: ImageFolderDataset, input_size: int, count: int = 4) -> torch.Tensor:
+    """`count` images spread over the dataset, whole (centre-cropped, no augmentation): the fixed set whose
+    reconstructions every checkpoint shows."""
+    whole = ImageFolderDataset(dataset.root, transform=center_crop_transform(input_size),
+                               listing=(dataset.files, dataset.labels, dataset.classes))
+    n = len(whole)
+    return torch.stack([whole[i * n // count].input for i in range(min(count, n))])
+
+
+def show_reconstructions(model: MaskedAutoencoderViT, images: torch.Tensor, args: argparse.Namespace,
+                         log: RunLog, iteration: int) -> None:
+    """The model's reconstructions of `images` (masks seeded, so every checkpoint masks the same patches) to
+    TensorBoard and to --output_dir/reconstructions.png."""
+    picture = reconstruction_picture(model, images, args.mask_ratio, args.masking, seed=args.seed)
+    log.image("reconstructions", iteration, picture)
+    with atomic_path(Path(args.output_dir) / "reconstructions.png") as tmp:
+        picture.save(tmp, format="PNG")
+
+
 def export_weights(model, output_dir: Path, args: argparse.Namespace, epoch: int) -> None:
     """The encoder alone (reference encoder-only layout, loads into timm) and the full model with its decoder."""
     meta: Dict[str, Any] = {
@@ -149,6 +171,7 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
 
     train_model = torch.compile(model) if args.compile else model
     log = RunLog(output_dir / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
+    previews = preview_images(dataset, args.input_size).to(device) if dist.is_main else None
     step_fn = partial(mae_step, mask_ratio=args.mask_ratio, device=device)
     max_iterations = args.max_steps * plan.accum_iter if args.max_steps is not None else None
     epoch = args.start_epoch - 1
@@ -168,9 +191,12 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
         log.flush()
         dist.print(f"epoch {epoch}: loss {result.loss:.4f}, {result.images_per_s:.1f} images/s"
                    + "".join(f", {v} {k.replace('_', ' ')}" for k, v in result.counts.items()))
-        last_checkpoint = save_epoch(args, epoch, result, iters_per_epoch=plan.iters_per_epoch,
-                                     model=model_without_ddp, optimizer=optimizer, precision=precision,
-                                     write=dist.is_main) or last_checkpoint
+        saved = save_epoch(args, epoch, result, iters_per_epoch=plan.iters_per_epoch, model=model_without_ddp,
+                           optimizer=optimizer, precision=precision, write=dist.is_main)
+        if saved is not None:
+            last_checkpoint = saved
+            if dist.is_main:
+                show_reconstructions(model_without_ddp, previews, args, log, result.iteration)
         if result.stopped:
             dist.print(f"--max_steps {args.max_steps} reached")
             break

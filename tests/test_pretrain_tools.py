@@ -8,6 +8,7 @@ from PIL import Image
 
 from mae_transfer.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from mae_transfer.models import MaskedAutoencoderViT, apply_masking, mae_vit_tiny_patch16, masking_noise
+from mae_transfer.models.reconstruction import reconstruct
 from pretrain_helpers import ROOT, make_image_folder
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -20,12 +21,22 @@ def _tiny_mae(**kwargs):
     return mae_vit_tiny_patch16(img_size=32, depth=2, **kwargs)
 
 
+def test_reconstructions_leave_the_caller_s_generator_and_mode_alone():
+    # Pretraining shows reconstructions at every checkpoint: its training must go on as if it had not.
+    model = mae_vit_tiny_patch16(img_size=32).train()
+    images = torch.randn(2, 3, 32, 32)
+    state = torch.get_rng_state()
+    first = reconstruct(model, images, 0.75, "block", seed=3)
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+    assert all(np.array_equal(v, reconstruct(model, images, 0.75, "block", seed=3)[k]) for k, v in first.items())
+
+
 def test_reconstruction_panels_paste_visible_patches_back(tmp_path):
     path = tmp_path / "mae_visualize_vit_tiny.pth"
     torch.save({"model": _tiny_mae().state_dict()}, path)  # the reference's full-model layout
     model = visualize_mae.build_model(read_checkpoint(path), norm_pix_loss=False)
     images = visualize_mae.load_images(make_image_folder(tmp_path / "img", 2), 32, limit=4)
-    panels = visualize_mae.reconstruct(model, images, 0.75, "random", seed=5)
+    panels = reconstruct(model, images, 0.75, "random", seed=5)
 
     torch.manual_seed(5)
     _, mask, _ = apply_masking(torch.zeros(2, 4, 1), 0.75, masking_noise("random", 2, (2, 2), 0.75))
@@ -48,8 +59,8 @@ def test_a_checkpoint_without_metadata_rebuilds_its_own_decoder(tmp_path):
     model = visualize_mae.build_model(read_checkpoint(path), norm_pix_loss=False)
     assert model.decoder_blocks[0].attn.num_heads == original.decoder_blocks[0].attn.num_heads == 4
     images = torch.randn(2, 3, 32, 32)
-    for key, panel in visualize_mae.reconstruct(model, images, 0.75, "random").items():
-        assert np.array_equal(panel, visualize_mae.reconstruct(original, images, 0.75, "random")[key]), key
+    for key, panel in reconstruct(model, images, 0.75, "random").items():
+        assert np.array_equal(panel, reconstruct(original, images, 0.75, "random")[key]), key
     odd = mae_vit_tiny_patch16(img_size=32, depth=2, decoder_embed_dim=96, decoder_num_heads=3)
     torch.save({"model": odd.state_dict()}, path)
     with pytest.raises(CheckpointError, match="decoder width 96 is no known MAE size"):
@@ -69,7 +80,7 @@ def test_normalised_pixel_predictions_are_mapped_back_with_each_patch_statistics
         return None, (patches - mean) / (var + 1e-6) ** 0.5, mask
 
     monkeypatch.setattr(model, "forward", perfect)
-    panels = visualize_mae.reconstruct(model, images, 0.75, "random")
+    panels = reconstruct(model, images, 0.75, "random")
     error = np.abs(panels["reconstruction"].astype(int) - panels["original"].astype(int))
     assert error.max() <= 1
 

@@ -6,6 +6,8 @@ import sys
 import pytest
 import timm
 import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch._dynamo.utils import counters
 
 from mae_transfer.checkpoints import load_training_state, read_checkpoint
@@ -58,6 +60,16 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_run):
     assert len(epochs) == 8 and epochs[0]["unreadable_images"] == 0 and epochs[-1]["step"] == 16
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_every_checkpoint_shows_its_reconstructions(tiny_run):
+    out, _ = tiny_run
+    events = EventAccumulator(str(out), size_guidance={"images": 0})
+    events.Reload()
+    # checkpoints at epochs 0, 4 and 7 (--save_every 4; --max_steps stopped epoch 7), 2 iterations per epoch
+    assert [e.step for e in events.Images("reconstructions")] == [2, 10, 16]
+    with Image.open(out / "reconstructions.png") as picture:  # the last one: 4 rows of 4 tiles, 32 px shown at 160
+        assert picture.size == (4 * (160 + 4) + 4, 18 + 4 * (160 + 4) + 4)
 
 
 def test_exported_encoder_loads_strictly_into_timm(tiny_run):
@@ -118,8 +130,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     forward_loss = MaskedAutoencoderViT.forward_loss
 
     def failing_loss(self, imgs, pred, mask):
-        calls.append(1)
         loss = forward_loss(self, imgs, pred, mask)
+        if not torch.is_grad_enabled():  # the reconstructions a checkpoint shows
+            return loss
+        calls.append(1)
         return loss * math.nan if len(calls) == 4 else loss  # iteration 3: epoch 1, iteration 1
 
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", failing_loss)

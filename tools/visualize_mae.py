@@ -13,19 +13,15 @@ Encoder-only checkpoints cannot reconstruct anything.
 """
 import argparse
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision import transforms
+from PIL import Image
 
 from mae_transfer.checkpoints import Checkpoint, CheckpointError, load_into, read_checkpoint
-from mae_transfer.data.images import list_images, to_rgb
-from mae_transfer.models import MASKING_STRATEGIES, MaskedAutoencoderViT, masking_noise
-
-COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
+from mae_transfer.data.images import center_crop_transform, list_images, to_rgb
+from mae_transfer.models import MASKING_STRATEGIES, MaskedAutoencoderViT
+from mae_transfer.models.reconstruction import reconstruction_picture
 
 
 def build_model(ckpt: Checkpoint, norm_pix_loss: bool) -> MaskedAutoencoderViT:
@@ -56,52 +52,12 @@ def load_images(paths: Sequence[Path], input_size: int, limit: int) -> torch.Ten
         files += list_images(path)[0] if path.is_dir() else [path]
     if not files:
         raise SystemExit("no images given")
-    prepare = transforms.Compose([
-        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size), transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    prepare = center_crop_transform(input_size)
     images = []
     for f in files[:limit]:
         with Image.open(f) as img:
             images.append(prepare(to_rgb(img)))
     return torch.stack(images)
-
-
-@torch.no_grad()
-def reconstruct(model: MaskedAutoencoderViT, images: torch.Tensor, mask_ratio: float, masking: str,
-                seed: int = 0) -> Dict[str, np.ndarray]:
-    """The four panels of each image as uint8 arrays (N, H, W, 3), keyed by COLUMNS."""
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    noise = masking_noise(masking, len(images), model.grid_size, mask_ratio)
-    torch.set_rng_state(generator_state)
-    _, pred, mask = model(images, mask_ratio=mask_ratio, noise=noise)
-    if model.norm_pix_loss:  # predictions are normalised patches: restore each patch's own mean and variance
-        target = model.patchify(images)
-        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
-    recon = model.unpatchify(pred)
-    removed = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))  # 1 on removed pixels
-    panels = {COLUMNS[0]: images, COLUMNS[1]: images * (1 - removed), COLUMNS[2]: recon,
-              COLUMNS[3]: images * (1 - removed) + recon * removed}
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    return {k: ((v * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-            for k, v in panels.items()}
-
-
-def make_grid(panels: Dict[str, np.ndarray], titles: Sequence[str], scale: int, pad: int = 4,
-              header: int = 18) -> Image.Image:
-    n, h, w, _ = panels[COLUMNS[0]].shape
-    cell_h, cell_w = h * scale, w * scale
-    grid = Image.new("RGB", (len(COLUMNS) * (cell_w + pad) + pad, header + n * (cell_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, (key, title) in enumerate(zip(COLUMNS, titles)):
-        x = pad + c * (cell_w + pad)
-        draw.text((x, 3), title, fill="black")
-        for r in range(n):
-            tile = Image.fromarray(panels[key][r]).resize((cell_w, cell_h), Image.NEAREST)
-            grid.paste(tile, (x, header + pad + r * (cell_h + pad)))
-    return grid
 
 
 def main(argv=None) -> None:
@@ -122,10 +78,7 @@ def main(argv=None) -> None:
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(ckpt.meta.get("norm_pix_loss", False))
     model = build_model(ckpt, norm_pix)
     images = load_images(args.images, model.patch_embed.img_size[0], args.num_images)
-    panels = reconstruct(model, images, args.mask_ratio, args.masking, args.seed)
-    scale = args.scale or max(1, -(-160 // images.shape[-1]))
-    titles = [COLUMNS[0], f"masked {args.mask_ratio:.0%} ({args.masking})", COLUMNS[2], COLUMNS[3]]
-    make_grid(panels, titles, scale).save(args.out)
+    reconstruction_picture(model, images, args.mask_ratio, args.masking, args.seed, args.scale).save(args.out)
     print(f"wrote {args.out}: {len(images)} images, {ckpt.format} checkpoint {args.checkpoint}, "
           f"norm_pix_loss {norm_pix}")
 

@@ -143,6 +143,17 @@ def pretrain_transform(input_size: int) -> transforms.Compose:
     ])
 
 
+def center_crop_transform(input_size: int) -> transforms.Compose:
+    """A whole image at the model's size, for looking at what it makes of it: the short side resized to
+    `input_size` (bicubic), the centre cropped square, ImageNet norm."""
+    return transforms.Compose([
+        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
 class WithMaskNoise:
     """Pairs each transformed image with its masking noise (L,), drawn in the loader workers from the same
     per-sample generator, so which patches are masked is reproducible too."""

@@ -1,4 +1,5 @@
-"""What a training run shows and records: a progress bar per epoch, TensorBoard scalars, and a JSON-lines log.
+"""What a training run shows and records: a progress bar per epoch, TensorBoard scalars (and pictures), and a
+JSON-lines log.
 
 Only the main process writes; the others get disabled sinks, so training code needs no rank checks.
 """
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 __all__ = ["RunLog", "progress_bar"]
@@ -57,6 +60,11 @@ class RunLog:
             for key, value in fields.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def image(self, tag: str, step: int, picture: Image.Image) -> None:
+        """A picture to TensorBoard's images tab (JSON lines hold numbers only)."""
+        if self._tb is not None:
+            self._tb.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
 
     def flush(self) -> None:
         if self._tb is not None:
