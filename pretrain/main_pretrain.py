@@ -12,6 +12,7 @@ mae_full.safetensors (encoder + decoder, for visualising reconstructions). Tenso
 reconstructions at every checkpoint, go to --log_dir.
 """
 import argparse
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -20,13 +21,13 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from mae_transfer.checkpoints import atomic_path, save_checkpoint
-from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, center_crop_transform, pretrain_transform
+from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform, whole_images
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, adamw, add_batch_flags,
                                  add_precision_flags, add_run_flags, data_parallel, distributed_run,
                                  exit_on_non_finite, param_groups, resume, save_epoch, scaled_lr, seed_everything,
                                  train_one_epoch, training_loader, warmup_cosine)
 from mae_transfer.models import MASKING_STRATEGIES, MODELS, MaskedAutoencoderViT, create_model, masking_noise
-from mae_transfer.models.reconstruction import reconstruction_picture
+from mae_transfer.visualization import reconstruction_picture
 from presets import PRESETS
 
 
@@ -98,22 +99,28 @@ def mae_step(model: torch.nn.Module, batch, *, mask_ratio: float, device: torch.
 
 
 def preview_images(dataset: ImageFolderDataset, input_size: int, count: int = 4) -> torch.Tensor:
-    """`count` images spread over the dataset, whole (centre-cropped, no augmentation): the fixed set whose
-    reconstructions every checkpoint shows."""
-    whole = ImageFolderDataset(dataset.root, transform=center_crop_transform(input_size),
-                               listing=(dataset.files, dataset.labels, dataset.classes))
-    n = len(whole)
-    return torch.stack([whole[i * n // count].input for i in range(min(count, n))])
+    """`count` readable images spread evenly over the dataset, whole (centre-cropped, not augmented): the fixed set
+    whose reconstructions every checkpoint shows. A pick that cannot be read gives way to the first readable other."""
+    n = len(dataset.files)
+    k = min(count, n)
+    spread = [i * n // k for i in range(k)]
+    taken = set(spread)
+    order = spread + [i for i in range(n) if i not in taken]
+    return whole_images([dataset.files[i] for i in order], input_size, count)
 
 
 def show_reconstructions(model: MaskedAutoencoderViT, images: torch.Tensor, args: argparse.Namespace,
                          log: RunLog, iteration: int) -> None:
     """The model's reconstructions of `images` (masks seeded, so every checkpoint masks the same patches) to
-    TensorBoard and to --output_dir/reconstructions.png."""
-    picture = reconstruction_picture(model, images, args.mask_ratio, args.masking, seed=args.seed)
-    log.image("reconstructions", iteration, picture)
-    with atomic_path(Path(args.output_dir) / "reconstructions.png") as tmp:
-        picture.save(tmp, format="PNG")
+    TensorBoard and to --output_dir/reconstructions.png. A picture that cannot be drawn or written is reported and
+    the run goes on: it must not end a long run, nor leave the other processes waiting for this one."""
+    try:
+        picture = reconstruction_picture(model, images, args.mask_ratio, args.masking, seed=args.seed)
+        log.image("reconstructions", iteration, picture)
+        with atomic_path(Path(args.output_dir) / "reconstructions.png") as tmp:
+            picture.save(tmp, format="PNG")
+    except Exception as err:
+        print(f"warning: no reconstructions at step {iteration}: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 def export_weights(model, output_dir: Path, args: argparse.Namespace, epoch: int) -> None:

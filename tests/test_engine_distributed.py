@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mae_transfer.engine.distributed import init_distributed
+from mae_transfer.engine.distributed import distributed_run, init_distributed
 
 
 @pytest.fixture
@@ -28,11 +28,18 @@ def _launched(monkeypatch, local_rank, world_size):
 def test_each_process_takes_the_gpu_of_its_local_rank(gpus, monkeypatch):
     chosen = gpus(8)
     _launched(monkeypatch, local_rank=3, world_size=1)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    assert init_distributed("cpu").device == torch.device("cpu") and not torch.backends.cudnn.benchmark
     assert init_distributed("cuda").device == torch.device("cuda", 3)
     assert chosen == [torch.device("cuda", 3)]
-    assert torch.backends.cudnn.benchmark  # autotuned convolutions on a GPU, as in the reference
+
+
+def test_a_gpu_run_autotunes_cudnn_and_puts_the_setting_back(gpus, monkeypatch):
+    gpus(1)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with distributed_run("cpu"):
+        assert not torch.backends.cudnn.benchmark
+    with distributed_run("cuda"):
+        assert torch.backends.cudnn.benchmark  # as the reference's scripts
+    assert not torch.backends.cudnn.benchmark
 
 
 def test_a_process_shown_only_its_own_gpu_takes_cuda_0(gpus, monkeypatch):

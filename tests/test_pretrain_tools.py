@@ -8,7 +8,7 @@ from PIL import Image
 
 from mae_transfer.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from mae_transfer.models import MaskedAutoencoderViT, apply_masking, mae_vit_tiny_patch16, masking_noise
-from mae_transfer.models.reconstruction import reconstruct
+from mae_transfer.visualization import reconstruct
 from pretrain_helpers import ROOT, make_image_folder
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -28,6 +28,7 @@ def test_reconstructions_leave_the_caller_s_generator_and_mode_alone():
     state = torch.get_rng_state()
     first = reconstruct(model, images, 0.75, "block", seed=3)
     assert torch.equal(torch.get_rng_state(), state) and model.training
+    torch.manual_seed(123)  # another state of the caller's generator: the masks come from the seed alone
     assert all(np.array_equal(v, reconstruct(model, images, 0.75, "block", seed=3)[k]) for k, v in first.items())
 
 

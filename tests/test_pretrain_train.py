@@ -1,8 +1,10 @@
 """Tiny pretraining runs in this process: learning, presets, the exported encoder, a non-finite loss."""
+import io
 import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -11,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch._dynamo.utils import counters
 
 from mae_transfer.checkpoints import load_training_state, read_checkpoint
-from mae_transfer.data.images import ImageFolderDataset, pretrain_transform
+from mae_transfer.data.images import ImageFolderDataset, pretrain_transform, whole_images
 from mae_transfer.engine import resolve_accum_iter, seed_everything
 from mae_transfer.models import MaskedAutoencoderViT, create_model
 from pretrain_helpers import ROOT, make_image_folder, one_thread, tiny_flags
@@ -67,9 +69,27 @@ def test_every_checkpoint_shows_its_reconstructions(tiny_run):
     events = EventAccumulator(str(out), size_guidance={"images": 0})
     events.Reload()
     # checkpoints at epochs 0, 4 and 7 (--save_every 4; --max_steps stopped epoch 7), 2 iterations per epoch
-    assert [e.step for e in events.Images("reconstructions")] == [2, 10, 16]
-    with Image.open(out / "reconstructions.png") as picture:  # the last one: 4 rows of 4 tiles, 32 px shown at 160
-        assert picture.size == (4 * (160 + 4) + 4, 18 + 4 * (160 + 4) + 4)
+    pictures = events.Images("reconstructions")
+    assert [e.step for e in pictures] == [2, 10, 16]
+    with Image.open(out / "reconstructions.png") as last:  # 4 rows of 4 tiles, 32 px shown at 160
+        assert last.size == (4 * (160 + 4) + 4, 18 + 4 * (160 + 4) + 4)
+        last = np.asarray(last.convert("RGB"))
+    masked = np.s_[18:, 4 + 164:4 + 164 + 160]  # the second column: the images as masked
+    drawn = [np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")) for e in pictures]
+    assert np.array_equal(drawn[-1], last)
+    assert all(np.array_equal(d[masked], last[masked]) for d in drawn)  # same images, same masks each time
+    assert not all(np.array_equal(d, last) for d in drawn)  # ... and what the model makes of them changes
+
+
+def test_the_pictured_images_are_distinct_and_readable(tmp_path):
+    few = ImageFolderDataset(tmp_path / "two", listing=(make_image_folder(tmp_path / "two", 2), [-1] * 2, []))
+    images = main_pretrain.preview_images(few, 32)
+    assert len(images) == 2 and not torch.equal(images[0], images[1])
+    paths = make_image_folder(tmp_path / "five", 5, corrupt=[0])
+    five = ImageFolderDataset(tmp_path / "five", listing=(paths, [-1] * 5, []))
+    # picks 0, 1, 2, 3 of 5; file 0 cannot be read, so the first other readable file (4) stands in
+    expected = whole_images([paths[i] for i in (1, 2, 3, 4)], 32, 4)
+    assert torch.equal(main_pretrain.preview_images(five, 32), expected)
 
 
 def test_exported_encoder_loads_strictly_into_timm(tiny_run):

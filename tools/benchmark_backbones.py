@@ -18,8 +18,10 @@ peak resident set over its size once the model and input exist; every measuremen
 row counts another's allocations. Ratios are stock / ours: above 1, ours is faster / smaller. "(eq. speed)" is the
 time ratio at equal matmul speed: each step's time times the matmul rate measured right after it, which cancels a
 shared machine's drift between the two processes (tools/benchmark_pretrain.py's MatmulProbe). The two are measured
-in turn --rounds times (every other round stock first); times and memory are medians over rounds, each ratio the
-median of the ratios within a round, and "eq. range" the range of those at equal matmul speed.
+in turn --rounds times (every other round stock first). Times and memory are each implementation's medians over
+rounds; the two time ratios are medians of the ratios within a round (so they can differ a little from the quotient
+of the median times beside them), "eq. range" is the range of the equal-speed ones, and the memory ratio is that of
+the medians.
 """
 import argparse
 import multiprocessing

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import List, Sequence
 
 import torch
-from PIL import Image
 
 from mae_transfer.checkpoints import Checkpoint, CheckpointError, load_into, read_checkpoint
-from mae_transfer.data.images import center_crop_transform, list_images, to_rgb
+from mae_transfer.data.images import list_images, whole_images
 from mae_transfer.models import MASKING_STRATEGIES, MaskedAutoencoderViT
-from mae_transfer.models.reconstruction import reconstruction_picture
+from mae_transfer.visualization import reconstruction_picture
 
 
 def build_model(ckpt: Checkpoint, norm_pix_loss: bool) -> MaskedAutoencoderViT:
@@ -52,12 +51,7 @@ def load_images(paths: Sequence[Path], input_size: int, limit: int) -> torch.Ten
         files += list_images(path)[0] if path.is_dir() else [path]
     if not files:
         raise SystemExit("no images given")
-    prepare = center_crop_transform(input_size)
-    images = []
-    for f in files[:limit]:
-        with Image.open(f) as img:
-            images.append(prepare(to_rgb(img)))
-    return torch.stack(images)
+    return whole_images(files, input_size, limit)
 
 
 def main(argv=None) -> None:

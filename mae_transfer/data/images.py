@@ -22,7 +22,7 @@ from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 __all__ = ["Sample", "ImageFolderDataset", "list_images", "sample_seed", "to_rgb", "pretrain_transform",
-           "WithMaskNoise"]
+           "center_crop_transform", "whole_images", "WithMaskNoise"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,25 @@ def center_crop_transform(input_size: int) -> transforms.Compose:
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
+
+
+def whole_images(paths: Sequence[Path], input_size: int, count: int) -> torch.Tensor:
+    """The first `count` readable images of `paths`, whole (center_crop_transform), as one (N, 3, S, S) batch; an
+    unreadable file is skipped with a warning, and none readable is an error naming the first."""
+    prepare = center_crop_transform(input_size)
+    images = []
+    for path in paths:
+        if len(images) == count:
+            break
+        try:
+            with Image.open(path) as image:
+                images.append(prepare(to_rgb(image)))
+        except Exception as err:  # any decoding failure, as in ImageFolderDataset
+            logger.warning("skipping unreadable image %s: %s: %s", path, type(err).__name__, err)
+    if not images:
+        raise FileNotFoundError(f"no readable image among {len(paths)} given (the first: {paths[0]})" if paths
+                                else "no images given")
+    return torch.stack(images)
 
 
 class WithMaskNoise:

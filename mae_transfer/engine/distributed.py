@@ -69,10 +69,6 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = _resolve_device(device, local_rank, world_size)
-    if dev.type == "cuda":
-        # As the reference's scripts do: a run's input size is fixed, so cuDNN's autotuned algorithm for the patch
-        # embedding's convolution is found once and then pays at every step.
-        torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size,
@@ -131,14 +127,22 @@ def seed_everything(seed: int) -> None:
 def distributed_run(device: Optional[str] = None) -> Iterator[DistInfo]:
     """init_distributed for the length of a run, then leave the process group. At a normal end every rank first
     waits for all the others (a rank tearing down its gloo group while rank 0 still wrote the final export was seen
-    to hang in a 2-process CPU run); a rank leaving over an error does not wait, since the others may never arrive."""
+    to hang in a 2-process CPU run); a rank leaving over an error does not wait, since the others may never arrive.
+
+    On a GPU the run autotunes cuDNN's convolutions, as the reference's scripts do (cudnn.benchmark: a run's input
+    size is fixed, so the patch embedding's algorithm is found once and pays at every step); the setting is put
+    back when the run ends."""
     info = init_distributed(device)
+    autotune = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = autotune or info.device.type == "cuda"
     try:
         yield info
     except BaseException:
         if is_distributed():
             dist.destroy_process_group()
         raise
+    finally:
+        torch.backends.cudnn.benchmark = autotune
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()

@@ -65,6 +65,7 @@ class RunLog:
         """A picture to TensorBoard's images tab (JSON lines hold numbers only)."""
         if self._tb is not None:
             self._tb.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+            self._tb.flush()  # pictures come rarely (one per checkpoint): on disk at once
 
     def flush(self) -> None:
         if self._tb is not None:

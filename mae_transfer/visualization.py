@@ -1,6 +1,6 @@
-"""What an MAE makes of an image, as the paper's Figure 2 shows it: the original, the masked input the encoder sees,
-the decoder's reconstruction, and the reconstruction with the visible patches pasted back. Used by
-tools/visualize_mae.py and by pretraining, which logs these pictures at every checkpoint."""
+"""Pictures of what an MAE makes of an image, as the paper's Figure 2 shows it: the original, the masked input the
+encoder sees, the decoder's reconstruction, and the reconstruction with the visible patches pasted back. Used by
+tools/visualize_mae.py and by pretraining, which logs them at every checkpoint."""
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -8,8 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .mae import MaskedAutoencoderViT
-from .masking import masking_noise
+from .models import MaskedAutoencoderViT, masking_noise
 
 __all__ = ["COLUMNS", "reconstruct", "reconstruction_grid", "reconstruction_picture"]
 
