@@ -16,7 +16,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -144,14 +144,10 @@ def pretrain_transform(input_size: int) -> transforms.Compose:
 
 
 def center_crop_transform(input_size: int) -> transforms.Compose:
-    """A whole image at the model's size, for looking at what it makes of it: the short side resized to
-    `input_size` (bicubic), the centre cropped square, ImageNet norm."""
-    return transforms.Compose([
-        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+    """A whole image at the model's size, for looking at what it makes of it: timm's evaluation transform with no
+    crop margin (the short side resized to `input_size`, bicubic; the centre cropped square; ImageNet norm)."""
+    return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=1.0,
+                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
 def whole_images(paths: Sequence[Path], input_size: int, count: int) -> torch.Tensor:
