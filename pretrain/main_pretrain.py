@@ -4,11 +4,11 @@ submitit wrapper's own flags aside: run torchrun instead).
     python pretrain/main_pretrain.py --preset base-800 --data_path /datasets/imagenet --output_dir runs/base
     torchrun --nproc_per_node 8 pretrain/main_pretrain.py --preset large-1600 --data_path /datasets/imagenet ...
 
-Writes into --output_dir: checkpoint-N.pth (resumable training state, also readable as a reference-style
-checkpoint by every transfer path), log.jsonl (one JSON object per logging step and per epoch), reconstructions.png
-(four training images as the latest checkpoint reconstructs them, the paper's Figure 2 style), and at the end
-encoder.safetensors (the encoder in the reference's mae_pretrain_vit_*.pth key layout, loadable by timm) and
-mae_full.safetensors (encoder + decoder, for visualising reconstructions). TensorBoard scalars, and the
+Writes into --output_dir: checkpoint-N.pth (resumable training state, also readable as a reference-style checkpoint
+by every transfer path), log.jsonl (a record of what ran, then one JSON object per logging step and per epoch),
+reconstructions.png (four training images as the latest checkpoint reconstructs them, the paper's Figure 2 style),
+and at the end encoder.safetensors (the encoder in the reference's mae_pretrain_vit_*.pth key layout, loadable by
+timm) and mae_full.safetensors (encoder + decoder, for visualising reconstructions). TensorBoard scalars, and the
 reconstructions at every checkpoint, go to --log_dir.
 """
 import argparse
@@ -24,8 +24,8 @@ from mae_transfer.checkpoints import atomic_path, save_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform, whole_images
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, adamw, add_batch_flags,
                                  add_precision_flags, add_run_flags, data_parallel, distributed_run,
-                                 exit_on_non_finite, param_groups, resume, save_epoch, scaled_lr, seed_everything,
-                                 train_one_epoch, training_loader, warmup_cosine)
+                                 exit_on_non_finite, param_groups, resume, run_record, save_epoch, scaled_lr,
+                                 seed_everything, train_one_epoch, training_loader, warmup_cosine)
 from mae_transfer.models import MASKING_STRATEGIES, MODELS, MaskedAutoencoderViT, create_model, masking_noise
 from mae_transfer.visualization import reconstruction_picture
 from presets import PRESETS
@@ -178,6 +178,9 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
 
     train_model = torch.compile(model) if args.compile else model
     log = RunLog(output_dir / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
+    if dist.is_main:  # what ran, in full: the log's first record, and again at every resumption
+        log.write("run", args.start_epoch * plan.iters_per_epoch,
+                  run_record(args, plan, precision, dist, resumed_from=last_checkpoint))
     previews = preview_images(dataset, args.input_size).to(device) if dist.is_main else None
     step_fn = partial(mae_step, mask_ratio=args.mask_ratio, device=device)
     max_iterations = args.max_steps * plan.accum_iter if args.max_steps is not None else None

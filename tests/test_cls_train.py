@@ -206,6 +206,12 @@ def test_resumed_run_equals_the_uninterrupted_one(blobs, tmp_path):
     assert not (tmp_path / "split" / "checkpoint-2.pth").exists()
     resumed = run(blobs, tmp_path / "split", "--epochs", "3", "--resume", str(tmp_path / "split"), *flags)
     assert resumed == whole
+    # the split run's log records both of its parts, each with its settings as resolved
+    runs = [r for r in map(json.loads, (tmp_path / "split" / "log.jsonl").read_text().splitlines())
+            if r["kind"] == "run"]
+    assert [(r["step"], r["args"]["start_epoch"], r["args"]["max_steps"]) for r in runs] == [(0, 0, 12), (12, 2, None)]
+    assert runs[0]["resumed_from"] is None and runs[1]["resumed_from"] == str(tmp_path / "split" / "checkpoint-1.pth")
+    assert all(r["args"]["lr"] == pytest.approx(1e-3 * 8 / 256) and r["plan"]["iters_per_epoch"] == 6 for r in runs)
     # metrics.json's best is the whole run's: the highest val top-1 in the log, its earliest epoch
     records = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]

@@ -1,5 +1,6 @@
 """torchrun with 2 processes over gloo, accumulating 2 micro-batches each, trains to the same parameters as 1 process
 with the same global batch (DDP's skipped gradient sync inside an accumulation window included)."""
+import json
 import sys
 
 import torch
@@ -22,6 +23,9 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
                       launcher=torchrun)
     assert double.returncode == 0, double.stderr
     assert "effective batch 8 = 2 x 2 (accum) x 2 (processes)" in double.stdout
+    records = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["plan"] for r in records if r["kind"] == "run"] == [  # written once, by rank 0
+        {"batch_size": 2, "accum_iter": 2, "world_size": 2, "iters_per_epoch": 4, "effective": 8}]
 
     one = read_checkpoint(tmp_path / "one" / "mae_full.safetensors").state_dict
     two = read_checkpoint(tmp_path / "two" / "mae_full.safetensors").state_dict

@@ -2,6 +2,7 @@
 import io
 import json
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -62,6 +63,24 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_run):
     assert len(epochs) == 8 and epochs[0]["unreadable_images"] == 0 and epochs[-1]["step"] == 16
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_the_log_opens_with_a_record_of_what_ran(tiny_run):
+    out, _ = tiny_run
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert (record["kind"], record["step"], record["resumed_from"], record["precision"]) == ("run", 0, None, "none")
+    assert {k: record["args"][k] for k in ("model", "input_size", "mask_ratio", "masking", "lr", "max_steps")} == {
+        "model": "mae_vit_tiny_patch16", "input_size": 32, "mask_ratio": 0.75, "masking": "random", "lr": 1e-3,
+        "max_steps": 16}
+    assert record["plan"] == {"batch_size": 4, "accum_iter": 1, "world_size": 1, "iters_per_epoch": 2, "effective": 4}
+    env = record["environment"]
+    assert (env["torch"], env["timm"], env["numpy"], env["world_size"], env["device"]) == (
+        torch.__version__, timm.__version__, np.__version__, 1, "cpu")
+    if (ROOT / ".git").exists():  # the source's commit, "-dirty" exactly when tracked files are changed
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--"]).returncode == 1
+        assert env["source_commit"] == head + ("-dirty" if changed else "")
 
 
 def test_every_checkpoint_shows_its_reconstructions(tiny_run):

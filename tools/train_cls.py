@@ -10,9 +10,10 @@ wrappers' own flags aside: run torchrun instead), plus --mode, --partial_blocks,
     python tools/train_cls.py --eval --resume runs/inat18_base --model vit_base_patch16 --dataset inat2018 \
         --data_path /datasets/inat2018
 
-Writes into --output_dir: checkpoint-N.pth (resumable training state), log.jsonl (logging steps, and per epoch
-the training loss and validation top-1 / top-5 / loss), metrics.json (the final and best validation metrics) and
-classifier.safetensors (the trained model); --eval writes eval.json. TensorBoard scalars go to --log_dir.
+Writes into --output_dir: checkpoint-N.pth (resumable training state), log.jsonl (a record of what ran, logging
+steps, and per epoch the training loss and validation top-1 / top-5 / loss), metrics.json (the final and best
+validation metrics) and classifier.safetensors (the trained model); --eval writes eval.json. TensorBoard scalars go
+to --log_dir.
 """
 import argparse
 import json
@@ -33,8 +34,8 @@ from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESET
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, add_batch_flags, add_precision_flags,
                                  add_run_flags, data_parallel, distributed_run, exit_on_non_finite, latest_checkpoint,
-                                 resume, save_epoch, scaled_lr, seed_everything, train_one_epoch, training_loader,
-                                 warmup_cosine)
+                                 resume, run_record, save_epoch, scaled_lr, seed_everything, train_one_epoch,
+                                 training_loader, warmup_cosine)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -284,6 +285,9 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
 
     train_model = torch.compile(model) if args.compile else model
     log = RunLog(output_dir / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
+    if dist.is_main:  # what ran, in full: the log's first record, and again at every resumption
+        log.write("run", args.start_epoch * plan.iters_per_epoch,
+                  run_record(args, plan, precision, dist, resumed_from=last_checkpoint))
     max_iterations = args.max_steps * plan.accum_iter if args.max_steps is not None else None
     best: Dict[str, Any] = {}
     if last_checkpoint is not None and dist.is_main:  # the log beside a checkpoint is the run's that wrote it

@@ -1,19 +1,31 @@
 """What a training run shows and records: a progress bar per epoch, TensorBoard scalars (and pictures), and a
-JSON-lines log.
+JSON-lines log that opens with a record of exactly what ran.
 
 Only the main process writes; the others get disabled sinks, so training code needs no rank checks.
 """
+import argparse
+import dataclasses
 import json
 import math
+import platform
+import subprocess
+import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
+import timm
+import torch
 from PIL import Image
 from tqdm import tqdm
 
-__all__ = ["RunLog", "progress_bar"]
+from .amp import Precision
+from .batch import BatchPlan
+from .distributed import DistInfo
+
+__all__ = ["RunLog", "environment", "progress_bar", "run_record"]
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
@@ -54,7 +66,7 @@ class RunLog:
         record: Dict[str, Any] = {"kind": kind, "step": step, "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in fields.items()})
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.write(json.dumps(record, default=str) + "\n")  # default: a Path among the args
             self._jsonl.flush()
         if self._tb is not None:
             for key, value in fields.items():
@@ -78,3 +90,60 @@ class RunLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def run_record(args: argparse.Namespace, plan: BatchPlan, precision: Precision, dist: DistInfo,
+               resumed_from: Optional[Path]) -> Dict[str, Any]:
+    """What a run (or a resumption of it) was: its command, every setting as resolved (preset, scaled lr, start
+    epoch, --amp auto's choice), its batch plan, the checkpoint it resumed, and the software and hardware.
+    Reproduction gaps of a few tenths are often a version, a GPU count or a setting apart, and the reference's logs
+    record none of them."""
+    return {"argv": sys.argv, "args": vars(args), "plan": {**dataclasses.asdict(plan), "effective": plan.effective},
+            "precision": precision.mode, "resumed_from": str(resumed_from) if resumed_from else None,
+            "environment": environment(dist)}
+
+
+def environment(dist: DistInfo) -> Dict[str, Any]:
+    """Versions of what computes (Python, torch, CUDA, cuDNN, timm, NumPy, this package and its source commit) and
+    where (processes, this process's device, CPU and threads)."""
+    env: Dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+        "timm": timm.__version__, "numpy": np.__version__, "mae_transfer": _package_version(),
+        "source_commit": _source_commit(), "world_size": dist.world_size, "device": str(dist.device),
+        "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads()}
+    if dist.device.type == "cuda":
+        env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   gpu=torch.cuda.get_device_name(dist.device), gpus_visible=torch.cuda.device_count())
+    return env
+
+
+def _package_version() -> Optional[str]:
+    try:
+        return metadata.version("mae-transfer")
+    except metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, not installed
+        return None
+
+
+def _source_commit() -> Optional[str]:
+    """The commit this package's source is at when it runs from a git checkout (an editable install), with
+    '-dirty' when tracked files differ from it; None for an installed copy or where git is not at hand."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():  # not ours: an installed copy may sit inside someone else's repository
+        return None
+    try:
+        commit, changed = (subprocess.run(["git", "-C", str(root), *command], capture_output=True, text=True,
+                                          timeout=30, check=True).stdout.strip()
+                           for command in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    except (OSError, subprocess.SubprocessError):  # no git, or it refuses the folder (safe.directory)
+        return None
+    return commit + ("-dirty" if changed else "")
+
+
+def _cpu_name() -> str:
+    try:  # platform.processor() says only "x86_64" on Linux
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
