@@ -1,15 +1,17 @@
 import argparse
 import errno
 import os
+import pickle
 import stat
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
 import mae_transfer.checkpoints.io as ckpt_io
 from mae_transfer.checkpoints import (CheckpointError, atomic_directory, atomic_path, load_into, read_checkpoint,
-                                      save_checkpoint, save_training_state, load_training_state)
+                                      read_file, save_checkpoint, save_training_state, load_training_state)
 from mae_transfer.checkpoints.convert import convert, write
 from mae_transfer.models import MaskedAutoencoderViT, vit_tiny_patch16
 
@@ -66,11 +68,52 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     assert "add_safe_globals" not in str(refused.value)  # torch's advice to allow it is not repeated
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def model_zoo_pickle(path, state_dict, protocol=pickle.HIGHEST_PROTOCOL):
+    """A file as detectron2's model zoo ships one: a plain pickle of numpy arrays."""
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in state_dict.items()}, "__author__": "Detectron2 Model Zoo"}, f,
+                    protocol=protocol)
+    return path
+
+
+@pytest.mark.parametrize("protocol, numpy_module", [(4, None), (5, None), (2, "numpy.core.multiarray"),
+                                                    (2, "numpy._core.multiarray")])
+def test_a_model_zoo_pkl_reads_as_tensors_whichever_numpy_wrote_it(tmp_path, protocol, numpy_module):
+    sd = {"backbone.net.pos_embed": torch.randn(1, 5, 4), "roi_heads.box_predictor.cls_score.bias": torch.arange(3.0),
+          "step": torch.tensor(7), "half": torch.randn(2).half()}
+    path = model_zoo_pickle(tmp_path / "model_final.pkl", sd, protocol)
+    if numpy_module:  # protocol 2 spells globals as text: name the array constructor as NumPy 1 or NumPy 2 does
+        path.write_bytes(path.read_bytes().replace(b"numpy.core.multiarray", numpy_module.encode()))
+    obj, meta = read_file(path)
+    assert meta == {} and obj["__author__"] == "Detectron2 Model Zoo" and obj["model"].keys() == sd.keys()
+    for k, v in sd.items():
+        assert isinstance(obj["model"][k], torch.Tensor) and obj["model"][k].dtype == v.dtype
+        assert torch.equal(obj["model"][k], v), k
+
+
+def test_a_pkl_that_pickles_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(pickle.dumps({"model": {"w": np.zeros(1)}, "payload": Exploit()}))
+    with pytest.raises(CheckpointError, match=r"model_final\.pkl: refused to load: .* asks for io\.open"):
+        read_checkpoint(path)
+    assert not marker.exists()
+    with open(path, "rb") as f:  # the payload is live: plain unpickling, as detectron2 does, runs it
+        pickle.load(f)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".pkl"])
 def test_truncated_file_gets_a_clear_error(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     sd = tiny_encoder().state_dict()
-    save_checkpoint(path, sd) if suffix == ".safetensors" else torch.save({"model": sd}, path)
+    {".safetensors": lambda: save_checkpoint(path, sd), ".pth": lambda: torch.save({"model": sd}, path),
+     ".pkl": lambda: model_zoo_pickle(path, sd)}[suffix]()
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=f"model{suffix}"):

@@ -1,10 +1,12 @@
 """MAE checkpoints into the ViTDet detector: every tensor by exact name, one report of what is loaded, new and
 dropped, position and patch embeddings adapted, and a clear error for a checkpoint of another size."""
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 
 from mae_transfer.checkpoints import CheckpointError, read_checkpoint
@@ -67,6 +69,32 @@ def test_checkpointer_loads_an_encoder_and_round_trips_a_detector(detector_cfg, 
     ViTDetCheckpointer(fresh).load(str(tmp_path / "model_final.pth"))  # the whole detector, loaded 1:1
     fresh_sd = fresh.state_dict()
     assert all(torch.equal(v, fresh_sd[k]) for k, v in model.state_dict().items())
+
+
+def test_a_model_zoo_pkl_loads_as_detectron2_loads_it(detector_cfg, tmp_path):
+    # detectron2's model zoo (ViTDet's released Mask R-CNNs among them) ships plain pickles of numpy arrays, which
+    # detectron2 unpickles outright; here they are read without unpickling code, and load to the same weights.
+    torch.manual_seed(0)
+    released = instantiate(detector_cfg.model)
+    with torch.no_grad():
+        for p in released.parameters():
+            p.normal_()  # no tensor left at its initial (often constant) value
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in released.state_dict().items()},
+                     "__author__": "Detectron2 Model Zoo"}, f)
+    ours, theirs = instantiate(detector_cfg.model), instantiate(detector_cfg.model)
+    checkpointer = ViTDetCheckpointer(ours)
+    checkpointer.load(str(path))
+    DetectionCheckpointer(theirs).load(str(path))
+    assert not checkpointer.loaded_encoder  # a whole detector, loaded 1:1
+    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
+    for k, v in released.state_dict().items():
+        assert torch.equal(ours_sd[k], v) and torch.equal(theirs_sd[k], v), k
+    # the converter and inspector read it too: the ViT inside, under the encoder's canonical names
+    encoder = read_checkpoint(path)
+    assert encoder.format == "detectron2"
+    assert torch.equal(encoder.state_dict["blocks.1.attn.qkv.weight"], ours_sd["backbone.net.blocks.1.attn.qkv.weight"])
 
 
 def test_a_detector_of_other_classes_initialises_all_but_its_class_specific_predictors(detector_cfg, tmp_path):

@@ -8,7 +8,8 @@ was loaded, what is new and what was dropped. The checkpointer accepts two kinds
 - an encoder in any format that mae_transfer.checkpoints recognises (MAE reference, timm, ours, a HuggingFace
   ViTMAE directory, ...) for `train.init_checkpoint`: its tensors go under backbone.net, with the patch embedding
   interpolated as ViTDet did (ViT-H/14 -> 16) and the position-embedding grid resized where the model's differ;
-- a checkpoint of the whole detector, as this checkpointer saves it, for --resume and --eval-only: loaded 1:1.
+- a checkpoint of the whole detector, as this checkpointer saves it or as detectron2's model zoo ships it (a .pkl of
+  numpy arrays, read safely by mae_transfer.checkpoints), for --resume and --eval-only: loaded 1:1.
   With `new_classes` (training from a detector: train.init_checkpoint), a detector trained for another number of
   classes (COCO's 80 -> a dataset of K) starts its class-specific predictors afresh, as detectron2's own loading
   allows (it skips any mis-shaped tensor; here only those, and only in their class dimension).
