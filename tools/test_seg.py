@@ -5,6 +5,9 @@ r"""Evaluate a trained segmentor: mIoU, mAcc, aAcc and per-class IoU / accuracy,
         model.data_preprocessor.test_cfg.size_divisor=16       # whole images, any size (padding cut from the output)
     torchrun --nproc_per_node 8 tools/test_seg.py CONFIG CHECKPOINT --launcher pytorch
 
+The checkpoint is one tools/train_seg.py wrote or one of mmseg's released UperNet-MAE models, loaded by exact names:
+one that does not fit the config's model is refused, naming the tensors (mae_transfer.seg.load).
+
 The metrics go to --json (default WORK_DIR/metrics.json):
     {"config", "checkpoint", "aAcc", "mIoU", "mAcc", "per_class": {class: {"IoU", "Acc"}}}   (percent)
 """
@@ -15,16 +18,20 @@ import os.path as osp
 
 from mmengine.config import DictAction
 from mmengine.dist import is_main_process
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
 from mae_transfer.checkpoints import atomic_path
+from mae_transfer.seg.load import load_segmentor
 from mae_transfer.seg.runner import load_config, metrics_report
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a segmentor (mmseg config + checkpoint)")
     parser.add_argument("config", help="config file")
-    parser.add_argument("checkpoint", help="checkpoint written by tools/train_seg.py (or any mmseg checkpoint)")
+    parser.add_argument("checkpoint", help="checkpoint written by tools/train_seg.py, or an mmseg UperNet-MAE one "
+                                           "(its model zoo's); loaded by exact names")
     parser.add_argument("--work-dir", help="where logs go (default: work_dirs/<config name>)")
     parser.add_argument("--json", help="metrics file (default: WORK_DIR/metrics.json)")
     parser.add_argument("--data-root", help="dataset root for every dataloader (ADE20K layout)")
@@ -43,8 +50,10 @@ def main(argv=None) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     cfg = load_config(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, data_root=args.data_root,
                       launcher=args.launcher)
-    cfg.load_from = args.checkpoint
     runner = Runner.from_cfg(cfg)
+    # Loaded here rather than through cfg.load_from, which mmengine loads non-strictly (see mae_transfer.seg.load).
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    print_log(str(load_segmentor(model, args.checkpoint)), logger="current")
     metrics = runner.test()
     report = {"config": args.config, "checkpoint": args.checkpoint,
               **metrics_report(metrics, runner.test_dataloader.dataset.metainfo["classes"])}

@@ -11,8 +11,9 @@ from .checkpoint_hook import WeightsOnlyCheckpointHook
 from .datasets import ADE20KLayoutDataset
 from .evaluation import PerClassIoUMetric
 from .layer_decay import LayerDecayOptimWrapperConstructor
+from .load import load_segmentor
 from .relative_position import RelativePositionBias, RelPosBlock, resize_relative_position_table
 
 __all__ = ["ADE20KLayoutDataset", "AtomicLocalBackend", "LayerDecayOptimWrapperConstructor", "PerClassIoUMetric",
            "RelPosBlock", "RelativePositionBias", "ViTBackbone", "WeightsOnlyCheckpointHook", "default_out_indices",
-           "resize_relative_position_table"]
+           "load_segmentor", "resize_relative_position_table"]
