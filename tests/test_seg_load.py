@@ -1,7 +1,9 @@
-"""Evaluating a trained segmentor: mmseg's released UperNet-MAE checkpoints load into our configs' model and compute
-what they compute in mmseg's own model; a checkpoint that does not fit is refused by name, never evaluated half-loaded
-(mmengine's load_from would warn and go on)."""
-import importlib.util
+"""Segmentor checkpoints load by exact names: mmseg's released UperNet-MAE checkpoints load into our configs' model and
+compute what they compute in mmseg's own model; one trained for other classes starts training with new classifiers;
+anything else that does not fit is refused by name, never evaluated or trained on half-loaded (mmengine's loading
+would warn and go on)."""
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +15,27 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 
-from mae_transfer.checkpoints import CheckpointError  # noqa: E402
+from mae_transfer.checkpoints import CheckpointError, read_file  # noqa: E402
+from mae_transfer.data.synthetic import generate_world  # noqa: E402
 from mae_transfer.seg import load_segmentor  # noqa: E402
+from pretrain_helpers import run_tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "seg_configs" / "upernet_mae_vit_tiny_synthetic_64x64.py"
 # mmseg's own MAE backbone (as in its configs/_base_/models/upernet_mae.py) at the tiny config's size
 MMSEG_MAE = dict(type="MAE", img_size=(64, 64), patch_size=16, embed_dims=192, num_layers=12, num_heads=3, mlp_ratio=4,
                  out_indices=(3, 5, 7, 11), drop_path_rate=0.0, norm_cfg=dict(type="LN", eps=1e-6), init_values=1.0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, seed=0, size="tiny")
+    return root / "ade"
+
+
+def _load(model, path):
+    return load_segmentor(model, read_file(path)[0], str(path))
 
 
 def _segmentor(backbone=None):
@@ -42,7 +57,7 @@ def test_an_mmseg_released_segmentor_computes_in_our_model_what_it_computes_in_m
     torch.save({"meta": {"CLASSES": ("a", "b"), "mmcv_version": "1.4.8"}, "state_dict": theirs.state_dict()}, path)
 
     ours = _segmentor()
-    report = load_segmentor(ours, path)
+    report = _load(ours, path)
     assert report.new == [] and report.dropped == []
     assert len(report.loaded) == len(ours.state_dict())
     x = torch.randn(2, 3, 64, 64)
@@ -56,24 +71,59 @@ def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_tensors(tmp_path):
     del missing["auxiliary_head.conv_seg.bias"]
     torch.save({"state_dict": missing}, tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match=r"missing\.pth lacks tensors the model needs:\s+auxiliary_head"):
-        load_segmentor(_segmentor(), tmp_path / "missing.pth")
+        _load(_segmentor(), tmp_path / "missing.pth")
     other_classes = dict(state, **{"decode_head.conv_seg.weight": torch.zeros(150, 64, 1, 1)})
     torch.save({"state_dict": other_classes}, tmp_path / "ade20k_150.pth")
     with pytest.raises(CheckpointError, match=r"decode_head\.conv_seg\.weight: .*\(150, 64, 1, 1\) vs model \(6, 64"):
-        load_segmentor(_segmentor(), tmp_path / "ade20k_150.pth")
+        _load(_segmentor(), tmp_path / "ade20k_150.pth")
     torch.save({"state_dict": {}}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match=r"empty\.pth: not a segmentor checkpoint"):
-        load_segmentor(_segmentor(), tmp_path / "empty.pth")
+        _load(_segmentor(), tmp_path / "empty.pth")
 
 
-def test_test_seg_refuses_it_before_evaluating(tmp_path):
+def test_test_seg_refuses_it_before_evaluating(world, tmp_path):
     state = _segmentor().state_dict()
     torch.save({"state_dict": {k: v for k, v in state.items() if not k.startswith("neck.")}}, tmp_path / "bad.pth")
-    spec = importlib.util.spec_from_file_location("test_seg", REPO / "tools" / "test_seg.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    (tmp_path / "data").mkdir()
-    with pytest.raises(CheckpointError, match="lacks tensors the model needs"):
-        tool.main([str(CONFIG), str(tmp_path / "bad.pth"), "--work-dir", str(tmp_path / "work"),
-                   "--data-root", str(tmp_path / "data")])
+    refused = run_tool([sys.executable, str(REPO / "tools" / "test_seg.py"), str(CONFIG), str(tmp_path / "bad.pth"),
+                        "--work-dir", str(tmp_path / "work"), "--data-root", str(world), "--cfg-options",
+                        "test_dataloader.num_workers=0", "test_dataloader.persistent_workers=False"])
+    assert refused.returncode != 0
+    assert re.search(r"CheckpointError: .*bad\.pth lacks tensors the model needs:\s+neck\.", refused.stderr), \
+        refused.stderr[-3000:]
     assert not (tmp_path / "work" / "metrics.json").exists()
+
+
+def test_training_from_a_segmentor_of_other_classes_takes_all_but_its_classifiers(world, tmp_path):
+    ade = _segmentor()  # stands in for an ADE20K model: 150 classes, every tensor away from its initial value
+    with torch.no_grad():
+        for p in ade.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {k: (torch.randn(150, *v.shape[1:]) if ".conv_seg." in k else v) for k, v in ade.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "ade20k.pth")
+    options = ["train_cfg.max_iters=1", "train_cfg.val_interval=10", "default_hooks.checkpoint.interval=1",
+               "optim_wrapper.optimizer.lr=0", "train_dataloader.batch_size=2", "train_dataloader.num_workers=0",
+               "train_dataloader.persistent_workers=False", "val_dataloader.num_workers=0",
+               "val_dataloader.persistent_workers=False"]
+
+    def train(checkpoint, work_dir):  # a process of its own: mmengine's visualizer is process-wide
+        return run_tool([sys.executable, str(REPO / "tools" / "train_seg.py"), str(CONFIG), "--work-dir",
+                         str(work_dir), "--data-root", str(world), "--cfg-options", *options,
+                         f"load_from={checkpoint}"])
+
+    done = train(tmp_path / "ade20k.pth", tmp_path / "work")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = torch.load(tmp_path / "work" / "iter_1.pth", weights_only=True)["state_dict"]
+    assert trained.keys() == state.keys()
+    for k, v in state.items():  # lr 0: what was loaded is what was saved (batch-norm statistics aside)
+        if ".conv_seg." in k:
+            assert trained[k].shape[0] == 6, k  # the tiny config's classes, initialised afresh
+        elif not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(trained[k], v), k
+    assert "was trained for another number of classes" in done.stdout + done.stderr
+
+    del state["neck.upsample_4x.0.weight"]  # anything else that does not fit is refused
+    torch.save({"state_dict": state}, tmp_path / "broken.pth")
+    refused = train(tmp_path / "broken.pth", tmp_path / "work2")
+    assert refused.returncode != 0
+    assert re.search(r"CheckpointError: .*broken\.pth lacks tensors the model needs:\s+neck\.upsample_4x",
+                     refused.stderr), refused.stderr[-3000:]

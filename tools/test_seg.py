@@ -18,13 +18,9 @@ import os.path as osp
 
 from mmengine.config import DictAction
 from mmengine.dist import is_main_process
-from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
-from mmengine.runner import Runner
 
 from mae_transfer.checkpoints import atomic_path
-from mae_transfer.seg.load import load_segmentor
-from mae_transfer.seg.runner import load_config, metrics_report
+from mae_transfer.seg.runner import ExactLoadingRunner, load_config, metrics_report
 
 
 def parse_args(argv=None):
@@ -50,10 +46,8 @@ def main(argv=None) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     cfg = load_config(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, data_root=args.data_root,
                       launcher=args.launcher)
-    runner = Runner.from_cfg(cfg)
-    # Loaded here rather than through cfg.load_from, which mmengine loads non-strictly (see mae_transfer.seg.load).
-    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    print_log(str(load_segmentor(model, args.checkpoint)), logger="current")
+    cfg.load_from = args.checkpoint
+    runner = ExactLoadingRunner.from_cfg(cfg)
     metrics = runner.test()
     report = {"config": args.config, "checkpoint": args.checkpoint,
               **metrics_report(metrics, runner.test_dataloader.dataset.metainfo["classes"])}

@@ -6,8 +6,10 @@ r"""Train a segmentor from an mmseg config (mmseg's tools/train.py conventions, 
     python tools/train_seg.py CONFIG --resume              # continue from the latest checkpoint in the work dir
 
 The encoder checkpoint is the config's model.pretrained (or --cfg-options model.pretrained=PATH), as in mmseg's MAE
-configs; any format mae_transfer.checkpoints reads. Logs (loss, lr, time, ETA) go to the console,
-WORK_DIR/<timestamp>/vis_data/scalars.json (JSON lines) and TensorBoard.
+configs; any format mae_transfer.checkpoints reads. A whole segmentor (ours, or mmseg's released UperNet-MAE) is
+--cfg-options load_from=PATH: loaded by exact names, its classifiers left out if it was trained for other classes.
+Logs (loss, lr, time, ETA) go to the console, WORK_DIR/<timestamp>/vis_data/scalars.json (JSON lines) and
+TensorBoard.
 """
 import argparse
 import logging
@@ -16,9 +18,8 @@ import os
 import torch
 from mmengine.config import DictAction
 from mmengine.logging import print_log
-from mmengine.runner import Runner
 
-from mae_transfer.seg.runner import load_config
+from mae_transfer.seg.runner import ExactLoadingRunner, load_config
 
 
 def parse_args(argv=None):
@@ -53,7 +54,8 @@ def main(argv=None):
             cfg.optim_wrapper.type = "AmpOptimWrapper"
             cfg.optim_wrapper.loss_scale = "dynamic"
     cfg.resume = args.resume
-    runner = Runner.from_cfg(cfg)
+    runner = ExactLoadingRunner.from_cfg(cfg)
+    runner.new_classes = True  # a load_from segmentor of other classes: new classifiers (not when resuming)
     runner.train()
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .io import CheckpointError
 
-__all__ = ["LoadReport", "load_into", "summarize_keys"]
+__all__ = ["LoadReport", "load_into", "other_class_count", "summarize_keys"]
 
 
 def summarize_keys(keys: Iterable[str]) -> List[str]:
@@ -81,3 +81,13 @@ def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, new: Seq
                                   + "\n  ".join(summarize_keys(bad_unexpected)))
     model.load_state_dict({k: v for k, v in state_dict.items() if k in model_sd}, strict=False)
     return LoadReport(loaded=[k for k in state_dict if k in model_sd], new=missing, dropped=unexpected, source=source)
+
+
+def other_class_count(state_dict: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor],
+                      class_specific: Sequence[str]) -> List[str]:
+    """The checkpoint's class-specific tensors (glob patterns `class_specific`) whose shapes differ from the model's in
+    the class dimension (the first) alone: those of a model trained for another number of classes, which a
+    detector or segmentor initialised from it trains afresh (as detectron2 and mmengine skip any mis-shaped tensor;
+    here only these)."""
+    return [k for k, v in state_dict.items() if k in model_sd and _matches(k, class_specific)
+            and v.shape != model_sd[k].shape and v.shape[1:] == model_sd[k].shape[1:]]

@@ -16,7 +16,6 @@ was loaded, what is new and what was dropped. The checkpointer accepts two kinds
 """
 import logging
 import os
-from fnmatch import fnmatchcase
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
@@ -24,8 +23,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from ..checkpoints import (Checkpoint, CheckpointError, LoadReport, atomic_path, load_into, parse_checkpoint,
-                           read_checkpoint, read_file, save_training_state)
+from ..checkpoints import (Checkpoint, CheckpointError, LoadReport, atomic_path, load_into, other_class_count,
+                           parse_checkpoint, read_checkpoint, read_file, save_training_state)
 from ..checkpoints.formats.detectron2 import PREFIX, detectron2_name
 from ..models import arch_from_width, fit_pos_embed, interpolate_patch_embed, pos_embed_grid
 
@@ -164,10 +163,7 @@ class ViTDetCheckpointer(DetectionCheckpointer):
         if self.loaded_encoder:
             report = load_encoder(self.model, state)
         else:
-            model_sd = self.model.state_dict()
-            afresh = [k for k, v in state.items() if self.new_classes and k in model_sd
-                      and v.shape != model_sd[k].shape and v.shape[1:] == model_sd[k].shape[1:]
-                      and any(fnmatchcase(k, pattern) for pattern in CLASS_SPECIFIC)]
+            afresh = other_class_count(state, self.model.state_dict(), CLASS_SPECIFIC) if self.new_classes else []
             if afresh:
                 self.logger.warning(f"{self.loaded} was trained for another number of classes: its class-specific "
                                     f"predictors are not loaded ({', '.join(afresh)})")

@@ -1,35 +1,40 @@
-"""Loading a trained segmentor for evaluation, by exact names.
+"""Loading segmentor checkpoints by exact names, for evaluation, --resume and `load_from`.
 
-mmseg's test tool (mmengine's Runner, through `load_from`) loads a checkpoint non-strictly: a tensor that is missing,
-unexpected or of the wrong shape is a logged warning, and the model is evaluated with whatever did not load still at
-its initialisation: a wrong mIoU, printed like a right one. Here every tensor must find its place. Two layouts are read:
+mmengine's Runner loads checkpoints non-strictly: a tensor that is missing, unexpected or of the wrong shape is a
+logged warning, and the model goes on with whatever did not load still at its initialisation (evaluated, a wrong mIoU
+printed like a right one). Here (and so in mae_transfer.seg.runner.ExactLoadingRunner, which the tools run) a
+checkpoint is read safely, every tensor goes to its place or a CheckpointError names those that do not, and one report
+says what was loaded. Two layouts are read:
 
 - ours, as tools/train_seg.py saves it: ViTBackbone's encoder under 'backbone.vit.';
 - mmseg's own UperNet-MAE checkpoints, as its model zoo releases them: mmseg's `MAE` backbone under 'backbone.'
   (layers.N.ln1, ffn.layers.0.0, gamma_1, ...), renamed by the 'mmseg' checkpoint format. Neck and heads are mmseg's
   modules in both, with the same names.
 """
-from pathlib import Path
-from typing import Dict
+import logging
+from typing import Any, Dict
 
 import torch
+from mmengine.logging import print_log
 from torch import nn
 
-from ..checkpoints import CheckpointError, LoadReport, load_into, read_file
+from ..checkpoints import CheckpointError, LoadReport, load_into, other_class_count
 from ..checkpoints.formats import FORMATS
 
-__all__ = ["load_segmentor", "segmentor_state_dict"]
+__all__ = ["CLASS_SPECIFIC", "load_segmentor", "segmentor_state_dict"]
 
 _BACKBONE, _ENCODER = "backbone.", "backbone.vit."
+# The tensors whose shapes follow the class count: each decode head's final 1x1 classifier.
+CLASS_SPECIFIC = ("decode_head.conv_seg.*", "auxiliary_head.conv_seg.*", "auxiliary_head.*.conv_seg.*")
 
 
-def segmentor_state_dict(obj, path) -> Dict[str, torch.Tensor]:
-    """The segmentor weights in what read_file(path) returned ({'state_dict': ...} as mmengine and mmcv save them, or
-    a bare state dict), named as our configs' models name them."""
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+def segmentor_state_dict(checkpoint: Any, source: str) -> Dict[str, torch.Tensor]:
+    """The segmentor weights in a checkpoint ({'state_dict': ...} as mmengine and mmcv save them, or a bare state
+    dict), named as our configs' models name them."""
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise CheckpointError(f"{path}: not a segmentor checkpoint (expected {{'state_dict': {{name: tensor}}}}, as "
-                              f"mmengine saves one, or a bare state dict)")
+        raise CheckpointError(f"{source}: not a segmentor checkpoint (expected {{'state_dict': {{name: tensor}}}}, "
+                              f"as mmengine saves one, or a bare state dict)")
     mmseg = FORMATS["mmseg"]
     if mmseg.matches(state):  # mmseg's MAE backbone: its tensors under ViTBackbone's names
         encoder = mmseg.to_canonical(state)  # the backbone's part, minus the derived relative_position_index
@@ -38,8 +43,14 @@ def segmentor_state_dict(obj, path) -> Dict[str, torch.Tensor]:
     return state
 
 
-def load_segmentor(model: nn.Module, path) -> LoadReport:
-    """Load the trained segmentor at `path` into `model` (an mmseg EncoderDecoder built from one of our configs).
-    A checkpoint that does not fit is a CheckpointError naming every tensor that does not."""
-    obj, _ = read_file(path)
-    return load_into(model, segmentor_state_dict(obj, path), new=(), dropped=(), source=str(Path(path)))
+def load_segmentor(model: nn.Module, checkpoint: Any, source: str, *, new_classes: bool = False) -> LoadReport:
+    """Load a segmentor checkpoint (as read_file returns it) into `model`, an mmseg EncoderDecoder built from one of
+    our configs. new_classes: one trained for another number of classes (ADE20K's 150 -> yours) initialises all
+    but its classifiers, which keep the model's initialisation; anything else that does not fit is refused."""
+    state = segmentor_state_dict(checkpoint, source)
+    afresh = other_class_count(state, model.state_dict(), CLASS_SPECIFIC) if new_classes else []
+    if afresh:
+        print_log(f"{source} was trained for another number of classes: its classifiers are not loaded "
+                  f"({', '.join(afresh)})", logger="current", level=logging.WARNING)
+    return load_into(model, {k: v for k, v in state.items() if k not in afresh}, new=afresh, dropped=(),
+                     source=source)

@@ -1,11 +1,18 @@
-"""What tools/train_seg.py and tools/test_seg.py share: building the config and turning metrics into a report."""
+"""What tools/train_seg.py and tools/test_seg.py share: building the config, the runner that loads checkpoints by
+exact names, and turning metrics into a report."""
 import math
 import os.path as osp
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from mmengine.config import Config
+from mmengine.fileio import get_local_path
+from mmengine.model import is_model_wrapper
+from mmengine.runner import Runner
 
-__all__ = ["load_config", "metrics_report"]
+from ..checkpoints import read_file
+from .load import load_segmentor
+
+__all__ = ["ExactLoadingRunner", "load_config", "metrics_report"]
 
 _DATALOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 
@@ -41,3 +48,24 @@ def metrics_report(metrics: Dict[str, float], classes: Sequence[str]) -> dict:
 
     return {"aAcc": value("aAcc"), "mIoU": value("mIoU"), "mAcc": value("mAcc"),
             "per_class": {name: {"IoU": value(f"IoU.{name}"), "Acc": value(f"Acc.{name}")} for name in classes}}
+
+
+class ExactLoadingRunner(Runner):
+    """mmengine's Runner whose checkpoint loading (`load_from`, --resume) is load_segmentor's: safe, by exact names,
+    with one report. `new_classes` (set by tools/train_seg.py) lets a `load_from` segmentor of other classes start
+    training with new classifiers; resuming and evaluating stay exact."""
+
+    new_classes = False
+
+    def load_checkpoint(self, filename: str, map_location: Any = "cpu", strict: bool = False,
+                        revise_keys: Any = ()) -> dict:
+        # map_location, strict and revise_keys are mmengine's options for its own loading: tensors are read to the
+        # CPU (load_state_dict and the optimizer's move them to their parameters' devices), loading is always exact
+        with get_local_path(filename) as local:  # an http(s) load_from is downloaded, as mmengine does
+            checkpoint, _ = read_file(local)
+        self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
+        model = self.model.module if is_model_wrapper(self.model) else self.model
+        report = load_segmentor(model, checkpoint, str(filename), new_classes=self.new_classes and not self._resume)
+        self._has_loaded = True
+        self.logger.info(str(report))
+        return checkpoint
