@@ -84,11 +84,12 @@ def test_a_model_zoo_pkl_reads_as_tensors_whichever_numpy_wrote_it(tmp_path, pro
     path = model_zoo_pickle(tmp_path / "model_final.pkl", sd, protocol)
     if numpy_module:  # protocol 2 spells globals as text: name the array constructor as NumPy 1 or NumPy 2 does
         path.write_bytes(path.read_bytes().replace(b"numpy.core.multiarray", numpy_module.encode()))
-    obj, meta = read_file(path)
-    assert meta == {} and obj["__author__"] == "Detectron2 Model Zoo" and obj["model"].keys() == sd.keys()
-    for k, v in sd.items():
-        assert isinstance(obj["model"][k], torch.Tensor) and obj["model"][k].dtype == v.dtype
-        assert torch.equal(obj["model"][k], v), k
+    torch.save({"model": sd, "__author__": "Detectron2 Model Zoo"}, tmp_path / "torch_saved.pkl")
+    for obj, meta in (read_file(path), read_file(tmp_path / "torch_saved.pkl")):  # (a torch.save file named .pkl)
+        assert meta == {} and obj["__author__"] == "Detectron2 Model Zoo" and obj["model"].keys() == sd.keys()
+        for k, v in sd.items():
+            assert isinstance(obj["model"][k], torch.Tensor) and obj["model"][k].dtype == v.dtype
+            assert torch.equal(obj["model"][k], v), k
 
 
 def test_a_pkl_that_pickles_code_is_refused_and_runs_nothing(tmp_path):

@@ -16,6 +16,7 @@ import pickle
 import secrets
 import shutil
 import stat
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Tuple
@@ -213,7 +214,7 @@ def read_file(path) -> Tuple[Any, Dict[str, Any]]:
             return tensors, json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
         except ValueError as e:
             raise CheckpointError(f"{path}: its {METADATA_KEY!r} header metadata is not JSON ({e})") from None
-    if path.suffix == ".pkl":
+    if path.suffix == ".pkl" and not zipfile.is_zipfile(path):  # (a torch.save file named .pkl goes to torch.load)
         return _read_array_pickle(path), {}
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
