@@ -156,7 +156,7 @@ def test_image_folder_classes_and_errors(tmp_path):
 def test_eval_transform_is_the_references_resize_and_centre_crop():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
-    for size, crop_pct in ((64, 224 / 256), (448, 1.0)):
+    for size, crop_pct in ((64, 224 / 256), (224, 224 / 256), (256, 1.0), (448, 1.0)):  # 224 / 256 up to 224
         reference = transforms.Compose([  # the MAE reference's build_transform(is_train=False)
             transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(size), transforms.ToTensor(),

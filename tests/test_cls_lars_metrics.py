@@ -65,3 +65,11 @@ def test_top1_top5_and_loss_on_hand_made_logits():
     loss = sum(torch.logsumexp(row, 0) - row[t] for row, t in zip(logits, target)) / 6
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert metrics["images"] == 6
+
+
+def test_hit_counts_are_exact_where_the_percentage_is_not_round():
+    # 1 of 3 is 33.333..%, which float32 keeps a hair under 1/3: turned back into a count it must still be 1
+    logits = torch.eye(3)[[0, 0, 0]] * 5  # every sample predicts class 0
+    batches = [(logits, torch.tensor([0, 1, 2])), (logits[:2], torch.tensor([0, 0]))]  # 1 of 3, then 2 of 2
+    metrics = evaluate(nn.Identity(), batches, Precision("none", torch.device("cpu")), show_progress=False)
+    assert (metrics["top1"], metrics["top5"], metrics["images"]) == (pytest.approx(60.0), pytest.approx(100.0), 5)

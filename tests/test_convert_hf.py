@@ -139,3 +139,38 @@ def test_damaged_hf_directories_are_named_in_the_error(tmp_path, damage):
         match = "only ViTMAE"
     with pytest.raises(CheckpointError, match=match):
         read_checkpoint(tmp_path / "hf")
+
+
+def test_trained_norms_land_on_transformers_own_norms(tmp_path):
+    # every LayerNorm away from its init of ones and zeros, where norm1 and norm2 would be interchangeable
+    ours = tiny_mae(norm_pix_loss=True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in ours.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=gen))
+    src = save_checkpoint(tmp_path / "ours.safetensors", ours.state_dict(), META)
+    assert convert_tool.main([str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        loss, pred, _ = ours(imgs, mask_ratio=0.75, noise=noise)
+        out = hf(pixel_values=imgs, noise=noise)
+    torch.testing.assert_close(out.logits, pred, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.loss, loss, atol=1e-4, rtol=0)
+
+
+def test_an_encoder_without_qkv_biases_says_so_in_its_config(tmp_path):
+    ours = tiny_mae(qkv_bias=False)
+    assert "blocks.0.attn.qkv.bias" not in ours.encoder_state_dict()
+    torch.save({"model": ours.encoder_state_dict()}, tmp_path / "encoder.pth")
+    assert convert_tool.main([str(tmp_path / "encoder.pth"), str(tmp_path / "hf"), "--to", "hf", "--encoder-only"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["qkv_bias"] is False
+    hf, info = ViTMAEModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"])  # no randomly initialised biases added
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        latent, _, _ = ours.forward_masked(imgs, 0.75, noise=noise)
+        out = hf.eval()(pixel_values=imgs, noise=noise)
+    torch.testing.assert_close(out.last_hidden_state, latent, atol=1e-4, rtol=0)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 
-from mae_transfer.checkpoints import CheckpointError, read_checkpoint
+from mae_transfer.checkpoints import FORMATS, CheckpointError, read_checkpoint
 from mae_transfer.checkpoints.convert import convert, write
 from mae_transfer.det import ViTDetCheckpointer, load_encoder
 from mae_transfer.models import mae_vit_tiny_patch16, vit_small_patch16, vit_tiny_patch16
@@ -206,3 +206,11 @@ def test_an_interrupted_tag_keeps_the_last_checkpoint_name(detector_cfg, tmp_pat
         checkpointer.tag_last_checkpoint("model_0000019.pth")
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000009.pth"]
+
+
+def test_a_detector_read_as_an_encoder_keeps_exactly_the_plain_vit(detector_cfg):
+    # ViTDet's relative position tables (rel_pos_h and rel_pos_w), the pyramid and the heads have no canonical name
+    detector = instantiate(detector_cfg.model).state_dict()
+    assert any(k.endswith(".attn.rel_pos_w") for k in detector) and any(k.endswith(".attn.rel_pos_h") for k in detector)
+    encoder = set(vit_tiny_patch16(img_size=64, depth=DEPTH).state_dict()) - set(ENCODER_ONLY)
+    assert set(FORMATS["detectron2"].to_canonical(detector)) == encoder

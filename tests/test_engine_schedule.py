@@ -47,3 +47,12 @@ def test_schedule_landmarks_by_hand():
 def test_empty_cosine_phase_is_refused():
     with pytest.raises(ValueError, match="--epochs"):
         warmup_cosine(_optimizer(1.0), epochs=40, warmup_epochs=40, iters_per_epoch=3)
+
+
+@pytest.mark.parametrize("t", [1, 27, 28, 29, 30, 100, 150])
+def test_a_fractional_warmup_follows_the_reference(t):
+    # 0.29 epochs of 100 iterations is 29 iterations of warmup, though 0.29 * 100 is 28.999999999999996 in floats
+    lr, epochs, warmup, ipe = 1.0, 2, 0.29, 100
+    opt = _optimizer(lr)
+    warmup_cosine(opt, epochs=epochs, warmup_epochs=warmup, iters_per_epoch=ipe).step_update(t)
+    assert opt.param_groups[0]["lr"] == pytest.approx(reference_lr(t / ipe, lr, 0.0, warmup, epochs), rel=1e-9)

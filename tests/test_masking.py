@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from mae_transfer.models import apply_masking, masking_noise
+from mae_transfer.models import apply_masking, masking, masking_noise
 
 
 def test_masking_with_given_noise_follows_the_formula():
@@ -76,3 +78,26 @@ def test_small_grids_get_blocks_too():
 def test_unknown_strategy_is_named():
     with pytest.raises(ValueError, match="'checkerboard'"):
         masking_noise("checkerboard", 1, (4, 4), 0.75)
+
+
+@pytest.mark.parametrize("length, ratio, kept", [(196, 0.9, 19), (16, 0.7, 4)])  # 19.6 -> 19, 4.8 -> 4
+def test_the_kept_count_truncates_as_the_reference_does(length, ratio, kept):
+    assert kept == int(length * (1 - ratio))  # models_mae.random_masking's len_keep
+    x_kept, mask, _ = apply_masking(torch.randn(2, length, 3), ratio, torch.rand(2, length))
+    assert x_kept.shape == (2, kept, 3)
+    assert mask.sum(1).tolist() == [length - kept] * 2
+
+
+def _scripted_blocks(monkeypatch, area, aspect):
+    """Every block draw gives this area and aspect (_uniform draws the area, then the log aspect: a < 0)."""
+    monkeypatch.setattr(masking, "_uniform", lambda a, b: math.log(aspect) if a < 0 else float(area))
+
+
+def test_a_block_is_placed_only_if_narrower_and_shorter_than_the_grid(monkeypatch):
+    # BEiT's MaskingGenerator: `if w < self.width and h < self.height`. On a 4x4 grid at ratio 0.75, area 12 with
+    # aspect 0.75 is a 3x4 block, as wide as the grid: refused every try, so no patch is blocked (noise >= 1)...
+    _scripted_blocks(monkeypatch, area=12, aspect=0.75)
+    assert (masking.block_noise(8, (4, 4), 0.75) < 1).all()
+    # ...while area 9 with aspect 1, a 3x3 block inside it, is placed
+    _scripted_blocks(monkeypatch, area=9, aspect=1.0)
+    assert ((masking.block_noise(8, (4, 4), 0.75) >= 1).sum(1) >= 9).all()

@@ -8,6 +8,7 @@ pytest.importorskip("mmseg")
 
 from mmseg.models.backbones import MAE  # noqa: E402
 from mmseg.models.necks import Feature2Pyramid  # noqa: E402
+from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple  # noqa: E402
 
 from mae_transfer.checkpoints import CheckpointError, FORMATS, read_checkpoint, save_checkpoint  # noqa: E402
 from mae_transfer.models import create_model, resize_pos_embed  # noqa: E402
@@ -274,3 +275,26 @@ def test_a_relative_position_table_of_no_grid_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"odd\.safetensors: blocks\.2\.rel_pos_bias\.table: a relative "
                                               r"position table of 50 rows fits neither the backbone's 4x4 grid"):
         backbone.load_encoder(path)
+
+
+@pytest.mark.parametrize("new_grid", [(6, 6), (9, 9), (7, 5)])
+def test_relative_position_table_resize_equals_timm_s(new_grid):
+    # timm's resize_rel_pos_bias_table_simple: the same flat ((2h-1)(2w-1) + extra, heads) layout, extras last
+    table = torch.randn(7 * 7 + 3, 4)  # trained on a 4x4 grid, 4 heads
+    rows = (2 * new_grid[0] - 1) * (2 * new_grid[1] - 1) + 3
+    torch.testing.assert_close(resize_relative_position_table(table, (4, 4), new_grid),
+                               resize_rel_pos_bias_table_simple(table, new_grid, (rows, 4)), rtol=0, atol=1e-6)
+
+
+def test_a_non_square_input_equals_loading_into_a_model_of_that_size(tmp_path):
+    # rows != columns: the forward-time resize must follow the (rows, cols) grid as loading does (test_pos_embed.py)
+    trained = ViTBackbone(**SMALL).eval()
+    _randomize(trained, seed=5)
+    path = save_checkpoint(tmp_path / "encoder.safetensors", trained.vit.state_dict())
+    built = ViTBackbone(**{**SMALL, "img_size": (96, 160)}).eval()  # a 6 x 10 patch grid
+    built.load_encoder(path)
+    images = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        for a, b in zip(trained(images), built(images)):
+            assert a.shape == (2, 64, 6, 10)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -85,3 +85,18 @@ def test_same_groups_as_mmseg_for_its_own_mae(tiny):
             assert mine[name]["weight_decay"] == pytest.approx(group["weight_decay"]), name
             compared += 1
     assert compared == len(mine)
+
+
+def test_custom_keys_lr_mult_is_multiplied_by_the_layer_decay_scale(tiny):
+    # mmengine's paramwise options still apply, and the layer-decay scale multiplies the lr they give
+    _, model = tiny
+    lr = 1e-3
+    groups = _groups(model, dict(type="OptimWrapper", constructor="LayerDecayOptimWrapperConstructor",
+                                 optimizer=dict(type="AdamW", lr=lr, weight_decay=0.05),
+                                 paramwise_cfg=dict(layer_decay_rate=0.5, custom_keys={
+                                     "decode_head": dict(lr_mult=10.0), "backbone.vit.blocks.0.": dict(lr_mult=2.0)})))
+    # depth 4: block 0 is layer 1, scale 0.5 ** (5 - 1); the heads are layer 5, scale 1
+    assert groups["decode_head.conv_seg.weight"]["lr"] == pytest.approx(lr * 10.0)
+    assert groups["backbone.vit.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(lr * 2.0 * 0.5 ** 4)
+    assert groups["backbone.vit.blocks.1.attn.qkv.weight"]["lr"] == pytest.approx(lr * 0.5 ** 3)
+    assert groups["auxiliary_head.conv_seg.weight"]["lr"] == pytest.approx(lr)
