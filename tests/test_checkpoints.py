@@ -2,6 +2,7 @@ import argparse
 import errno
 import os
 import pickle
+import re
 import stat
 import tempfile
 
@@ -107,6 +108,84 @@ def test_a_pkl_that_pickles_code_is_refused_and_runs_nothing(tmp_path):
     with open(path, "rb") as f:  # the payload is live: plain unpickling, as detectron2 does, runs it
         pickle.load(f)
     assert marker.exists()
+
+
+class _DTypeWithState:
+    """Pickles as numpy pickles a dtype, with a state of the file's choosing."""
+
+    def __init__(self, spec, state):
+        self.spec, self.state = spec, state
+
+    def __reduce__(self):
+        return np.dtype, (self.spec, False, True), self.state
+
+
+class _ArrayWithState:
+    """Pickles as numpy pickles an array (protocols 0-4), with a state of the file's choosing."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        return np.core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
+class _ScalarOf:
+    def __init__(self, dtype, data):
+        self.dtype, self.data = dtype, data
+
+    def __reduce__(self):
+        return np.core.multiarray.scalar, (self.dtype, self.data)
+
+
+POINTER = (0x4141414141414141).to_bytes(8, "little")
+
+
+@pytest.mark.parametrize("payload, refused", [
+    # an object dtype whose state clears its reference flags: numpy would read the bytes as object pointers
+    (_ArrayWithState((1, (1,), _DTypeWithState("O8", (3, "|", None, None, None, -1, -1, 0)), False, POINTER)),
+     "numpy dtype 'O8'"),
+    (_ScalarOf(_DTypeWithState("O8", (3, "|", None, None, None, -1, -1, 0)), POINTER), "numpy dtype 'O8'"),
+    # a numeric dtype whose state claims it holds objects
+    (_ArrayWithState((1, (1,), _DTypeWithState("f8", (3, "<", None, None, None, -1, -1, 1)), False, POINTER)),
+     "numpy dtype state"),
+    (np.array(["text"]), "numpy dtype 'U4'"),  # strings: not weights
+    (np.array([None]), "numpy dtype 'O8'"),  # objects
+    # data that is not exactly the array's bytes
+    (_ArrayWithState((1, (4,), np.dtype("f4"), False, b"\0" * 8)), "with 8 bytes of data"),
+])
+def test_a_pkl_whose_arrays_are_not_plain_numbers_is_refused(tmp_path, payload, refused):
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(pickle.dumps({"model": {"w": payload}}, protocol=2))
+    with pytest.raises(CheckpointError, match=rf"model_final\.pkl: refused to load: the pickle asks for [^;]*"
+                                              rf"{re.escape(refused)}"):
+        read_file(path)
+
+
+def test_a_pkl_cannot_change_the_unpickler_s_globals(tmp_path):
+    # protocol 0 by hand: numpy.ndarray, then a BUILD that would set an attribute on whatever stands for it
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(b"cnumpy\nndarray\n(}(Vx\nI1\ndtb.")
+    with pytest.raises(CheckpointError, match="asks for a change to a global"):
+        read_file(path)
+    model_zoo_pickle(path, {"w": torch.ones(2)})  # and the next file reads as before
+    assert torch.equal(read_file(path)[0]["model"]["w"], torch.ones(2))
+
+
+def test_other_numeric_arrays_and_torch_s_legacy_format_named_pkl(tmp_path):
+    arrays = {"big_endian": np.arange(4, dtype=">f4"), "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+              "bools": np.array([True, False]), "bytes": np.arange(3, dtype=np.uint8), "empty": np.zeros((0, 3)),
+              "step": np.int64(7)}
+    path = tmp_path / "model_final.pkl"
+    for protocol in (2, 5):
+        path.write_bytes(pickle.dumps({"model": arrays}, protocol=protocol))
+        got = read_file(path)[0]["model"]
+        for k, v in arrays.items():
+            expected = v.item() if k == "step" else torch.from_numpy(v.astype(v.dtype.newbyteorder("=")))
+            assert (got[k] == expected) if k == "step" else torch.equal(got[k], expected), (k, protocol)
+    # torch.save's legacy (non-zip) format, named .pkl: its first pickle is torch's magic number, then torch.load
+    torch.save({"model": {"w": torch.arange(3.0)}}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_file(path)[0]["model"]["w"], torch.arange(3.0))
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".pkl"])

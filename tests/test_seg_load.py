@@ -105,9 +105,9 @@ def test_training_from_a_segmentor_of_other_classes_takes_all_but_its_classifier
                "train_dataloader.persistent_workers=False", "val_dataloader.num_workers=0",
                "val_dataloader.persistent_workers=False"]
 
-    def train(checkpoint, work_dir):  # a process of its own: mmengine's visualizer is process-wide
+    def train(checkpoint, work_dir, *flags):  # a process of its own: mmengine's visualizer is process-wide
         return run_tool([sys.executable, str(REPO / "tools" / "train_seg.py"), str(CONFIG), "--work-dir",
-                         str(work_dir), "--data-root", str(world), "--cfg-options", *options,
+                         str(work_dir), "--data-root", str(world), *flags, "--cfg-options", *options,
                          f"load_from={checkpoint}"])
 
     done = train(tmp_path / "ade20k.pth", tmp_path / "work")
@@ -120,6 +120,12 @@ def test_training_from_a_segmentor_of_other_classes_takes_all_but_its_classifier
         elif not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
             assert torch.equal(trained[k], v), k
     assert "was trained for another number of classes" in done.stdout + done.stderr
+
+    # --resume with a load_from resumes from it, as in mmengine: a file of weights alone is refused, saying why
+    resumed = train(tmp_path / "ade20k.pth", tmp_path / "work3", "--resume")
+    assert resumed.returncode != 0
+    assert re.search(r"CheckpointError: .*ade20k\.pth: --resume continues a run .* holds no training state",
+                     resumed.stderr), resumed.stderr[-3000:]
 
     del state["neck.upsample_4x.0.weight"]  # anything else that does not fit is refused
     torch.save({"state_dict": state}, tmp_path / "broken.pth")

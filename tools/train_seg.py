@@ -26,7 +26,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a segmentor (mmseg config)")
     parser.add_argument("config", help="config file")
     parser.add_argument("--work-dir", help="where logs and checkpoints go (default: work_dirs/<config name>)")
-    parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="resume from the latest checkpoint in the work dir (with a load_from: from that "
+                             "training checkpoint, as in mmengine; to start from a segmentor, omit --resume)")
     parser.add_argument("--amp", action="store_true", help="automatic mixed precision (CUDA)")
     parser.add_argument("--data-root", help="dataset root for every dataloader (ADE20K layout)")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},

@@ -3,13 +3,10 @@
 Weights we write are safetensors (no code can hide in them), with our metadata as JSON in the safetensors header,
 so one file is the whole checkpoint and a rename makes it appear complete or not at all. We read those, torch.save
 files (through torch's weights-only unpickler) and detectron2's model-zoo .pkl files (plain pickles of numpy
-arrays, through an unpickler that can rebuild arrays and nothing else).
+arrays, through array_pickle's unpickler, which builds numeric arrays and nothing else).
 """
 import argparse
-import codecs
-import collections
 import errno
-import importlib
 import json
 import os
 import pickle
@@ -21,10 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Tuple
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .array_pickle import ArrayPickleError, read_array_pickle
 
 __all__ = ["CheckpointError", "atomic_directory", "atomic_path", "read_file", "save_weights", "save_training_state",
            "load_training_state", "METADATA_KEY"]
@@ -124,66 +122,8 @@ def atomic_directory(path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _numpy_core(module: str):
-    try:  # NumPy 2 (numpy.core became numpy._core; its pickles name the new modules)
-        return importlib.import_module(f"numpy._core.{module}")
-    except ImportError:
-        return importlib.import_module(f"numpy.core.{module}")
-
-
-# What a pickle of numpy arrays in dicts asks for, under NumPy 1's and NumPy 2's module names (protocol 5 rebuilds
-# arrays with _frombuffer, earlier ones with _reconstruct), and how protocol 2 spells bytes in Python 3
-# (_codecs.encode(text, 'latin1'), which torch's weights-only unpickler allows too). Each only builds arrays,
-# dtypes, scalars or bytes from the values given: none looks up or calls anything the file names.
-ARRAY_PICKLE_GLOBALS = {
-    **{(f"numpy.{core}.{module}", name): getattr(_numpy_core(module), name) for core in ("core", "_core")
-       for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))},
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
-    ("collections", "OrderedDict"): collections.OrderedDict}
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays in plain containers and refuses every other global, as Python's documentation shows
-    ("Restricting Globals"). Needed for detectron2's model-zoo .pkl files: torch.load reads only torch's formats."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return ARRAY_PICKLE_GLOBALS[module, name]
-        except KeyError:
-            raise _RefusedGlobal(f"{module}.{name}") from None
-
-
-def _as_tensors(obj: Any) -> Any:
-    """numpy arrays to tensors (and numpy scalars to Python numbers) throughout dicts, lists and tuples."""
-    if isinstance(obj, np.ndarray) and obj.dtype != object:
-        return torch.from_numpy(np.require(obj, requirements="W"))  # arrays unpickled from bytes may be read-only
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return type(obj)((k, _as_tensors(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_as_tensors(v) for v in obj)
-    return obj
-
-
-def _read_array_pickle(path: Path) -> Any:
-    """A detectron2 model-zoo file ({'model': {name: ndarray}, '__author__': ...}; detectron2 also tells them by
-    their .pkl suffix), with its arrays as tensors. latin1: Detectron1-era files are Python 2 pickles."""
-    try:
-        with open(path, "rb") as f:
-            obj = _ArrayUnpickler(f, encoding="latin1").load()
-    except _RefusedGlobal as e:
-        raise CheckpointError(
-            f"{path}: refused to load: it is a pickle that asks for {e}, and only numpy arrays in plain containers "
-            f"(detectron2's model-zoo format) are unpickled here: anything else could run arbitrary code") from None
-    except Exception as e:  # noqa: BLE001 - whatever the unpickler trips on, the file is not a checkpoint
-        raise CheckpointError(f"{path}: not a readable .pkl checkpoint (truncated, or not a pickle of numpy arrays): "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    return _as_tensors(obj)
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -215,7 +155,16 @@ def read_file(path) -> Tuple[Any, Dict[str, Any]]:
         except ValueError as e:
             raise CheckpointError(f"{path}: its {METADATA_KEY!r} header metadata is not JSON ({e})") from None
     if path.suffix == ".pkl" and not zipfile.is_zipfile(path):  # (a torch.save file named .pkl goes to torch.load)
-        return _read_array_pickle(path), {}
+        try:
+            obj, read = read_array_pickle(path)
+        except ArrayPickleError as e:
+            raise CheckpointError(f"{path}: refused to load: the pickle asks for {e}; only numeric numpy arrays in "
+                                  f"plain containers (detectron2's model-zoo format) are unpickled here") from None
+        except Exception as e:  # noqa: BLE001 - whatever the unpickler trips on, the file is not a checkpoint
+            raise CheckpointError(f"{path}: not a readable .pkl checkpoint (truncated, or not a pickle of numpy "
+                                  f"arrays): {_first_line(e)}") from None
+        if read:
+            return obj, {}
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -230,7 +179,7 @@ def read_file(path) -> Tuple[Any, Dict[str, Any]]:
             f"could run arbitrary code when unpickled, so it is never unpickled here") from None
     except Exception as e:  # noqa: BLE001 - whatever the unpickler trips on, the file is not a checkpoint
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a PyTorch/safetensors file): "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                              f"{_first_line(e)}") from None
     return obj, {}
 
 

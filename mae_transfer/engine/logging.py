@@ -37,6 +37,10 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no nan/inf; keep the record readable by strict parsers
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     return value
 
 
@@ -109,8 +113,9 @@ def environment(dist: DistInfo) -> Dict[str, Any]:
     env: Dict[str, Any] = {
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
         "timm": timm.__version__, "numpy": np.__version__, "mae_transfer": _package_version(),
-        "source_commit": _source_commit(), "world_size": dist.world_size, "device": str(dist.device),
-        "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads()}
+        "mae_transfer_path": str(Path(__file__).resolve().parents[1]), "source_commit": _source_commit(),
+        "world_size": dist.world_size, "device": str(dist.device), "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads()}
     if dist.device.type == "cuda":
         env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                    gpu=torch.cuda.get_device_name(dist.device), gpus_visible=torch.cuda.device_count())
@@ -118,9 +123,11 @@ def environment(dist: DistInfo) -> Dict[str, Any]:
 
 
 def _package_version() -> Optional[str]:
+    """The installed distribution's version (mae_transfer_path says which source ran: a checkout on PYTHONPATH may
+    shadow an installed copy)."""
     try:
         return metadata.version("mae-transfer")
-    except metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, not installed
+    except metadata.PackageNotFoundError:
         return None
 
 
@@ -131,8 +138,9 @@ def _source_commit() -> Optional[str]:
     if not (root / ".git").exists():  # not ours: an installed copy may sit inside someone else's repository
         return None
     try:
-        commit, changed = (subprocess.run(["git", "-C", str(root), *command], capture_output=True, text=True,
-                                          timeout=30, check=True).stdout.strip()
+        # --no-optional-locks: status would otherwise refresh the index under a lock another git process may want
+        commit, changed = (subprocess.run(["git", "--no-optional-locks", "-C", str(root), *command],
+                                          capture_output=True, text=True, timeout=30, check=True).stdout.strip()
                            for command in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
     except (OSError, subprocess.SubprocessError):  # no git, or it refuses the folder (safe.directory)
         return None

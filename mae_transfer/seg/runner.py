@@ -5,11 +5,10 @@ import os.path as osp
 from typing import Any, Dict, Optional, Sequence
 
 from mmengine.config import Config
-from mmengine.fileio import get_local_path
 from mmengine.model import is_model_wrapper
-from mmengine.runner import Runner
+from mmengine.runner import CheckpointLoader, Runner
 
-from ..checkpoints import read_file
+from ..checkpoints import CheckpointError, read_file
 from .load import load_segmentor
 
 __all__ = ["ExactLoadingRunner", "load_config", "metrics_report"]
@@ -51,18 +50,26 @@ def metrics_report(metrics: Dict[str, float], classes: Sequence[str]) -> dict:
 
 
 class ExactLoadingRunner(Runner):
-    """mmengine's Runner whose checkpoint loading (`load_from`, --resume) is load_segmentor's: safe, by exact names,
-    with one report. `new_classes` (set by tools/train_seg.py) lets a `load_from` segmentor of other classes start
-    training with new classifiers; resuming and evaluating stay exact."""
+    """mmengine's Runner whose checkpoint loading (`load_from`, --resume) is load_segmentor's: by exact names, with
+    one report. `new_classes` (set by tools/train_seg.py) lets a `load_from` segmentor of other classes start
+    training with new classifiers; resuming and evaluating stay exact. As in mmengine, --resume with a load_from
+    resumes from load_from: it must then be a training checkpoint, not a released model."""
 
     new_classes = False
 
     def load_checkpoint(self, filename: str, map_location: Any = "cpu", strict: bool = False,
                         revise_keys: Any = ()) -> dict:
         # map_location, strict and revise_keys are mmengine's options for its own loading: tensors are read to the
-        # CPU (load_state_dict and the optimizer's move them to their parameters' devices), loading is always exact
-        with get_local_path(filename) as local:  # an http(s) load_from is downloaded, as mmengine does
-            checkpoint, _ = read_file(local)
+        # CPU (load_state_dict and the optimizer move them to their parameters' devices), loading is always exact.
+        if "://" in str(filename):  # mmengine's loaders (http(s) downloaded once per machine, open-mmlab://, ...)
+            checkpoint = CheckpointLoader.load_checkpoint(str(filename), map_location="cpu")
+        else:
+            checkpoint, _ = read_file(filename)
+        if self._resume and not (isinstance(checkpoint, dict) and "message_hub" in checkpoint
+                                 and "iter" in checkpoint.get("meta", {})):
+            raise CheckpointError(f"{filename}: --resume continues a run from one of its training checkpoints "
+                                  f"(meta, message_hub), but this file holds no training state; to start training "
+                                  f"from it, give it as load_from without --resume")
         self.call_hook("after_load_checkpoint", checkpoint=checkpoint)
         model = self.model.module if is_model_wrapper(self.model) else self.model
         report = load_segmentor(model, checkpoint, str(filename), new_classes=self.new_classes and not self._resume)
