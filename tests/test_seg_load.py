@@ -18,6 +18,7 @@ from mmseg.registry import MODELS  # noqa: E402
 from mae_transfer.checkpoints import CheckpointError, read_file  # noqa: E402
 from mae_transfer.data.synthetic import generate_world  # noqa: E402
 from mae_transfer.seg import load_segmentor  # noqa: E402
+from mae_transfer.seg.load import segmentor_state_dict  # noqa: E402
 from pretrain_helpers import run_tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,20 @@ def test_an_mmseg_released_segmentor_computes_in_our_model_what_it_computes_in_m
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, mode="tensor"), theirs(x, mode="tensor"), rtol=1e-4, atol=1e-4)
+
+
+def test_mmseg_s_own_vit_b_upernet_maps_one_to_one_onto_our_vit_b_config():
+    # The released ViT-B checkpoint is mmseg's model of its MAE config: built here, its state dict translated fits our
+    # ViT-B config's model tensor for tensor, in name and shape (no weights downloaded, no forward at 512 px).
+    import mmseg
+    theirs = Config.fromfile(str(Path(mmseg.__file__).parent / ".mim" / "configs" / "mae" /
+                                 "mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"))
+    ours = Config.fromfile(str(REPO / "seg_configs" / "upernet_mae_vit_base_ade20k_512x512_160k.py"))
+    init_default_scope("mmseg")
+    released = segmentor_state_dict(MODELS.build(theirs.model).state_dict(), "mmseg's ViT-B UperNet")
+    model = MODELS.build(ours.model).state_dict()
+    assert released.keys() == model.keys()
+    assert all(released[k].shape == model[k].shape for k in model)
 
 
 def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_tensors(tmp_path):
