@@ -1,14 +1,18 @@
 """tools/inspect_checkpoint.py: format, architecture, parts, parameter count and dtype of any checkpoint."""
 import argparse
 import json
+import pickle
+from pathlib import Path
 
 import torch
+from detectron2.config import LazyConfig, instantiate
 
 from convert_helpers import load_tool, tiny_mae
 from mae_transfer.checkpoints import load_into, read_checkpoint, save_checkpoint
 from mae_transfer.models import create_model, vit_tiny_patch16
 
 inspect_tool = load_tool("inspect_checkpoint")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def inspect(capsys, path, *flags):
@@ -81,3 +85,18 @@ def test_hf_directory_and_unreadable_input(tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert inspect_tool.main([str(tmp_path / "junk.pth")]) == 1
     assert "junk.pth: " in capsys.readouterr().err
+
+
+def test_a_detector_reports_the_parameters_outside_its_vit(tmp_path, capsys):
+    # a ViTDet Mask R-CNN as detectron2's model zoo ships it: the ViT is read, the rest is counted, not hidden
+    cfg = LazyConfig.load(str(ROOT / "det_configs" / "mask_rcnn_vit_tiny_synthetic.py"))
+    cfg.model.backbone.net.update(depth=2, window_block_indexes=[0])
+    detector = instantiate(cfg.model).state_dict()
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in detector.items()}, "__author__": "Detectron2 Model Zoo"}, f)
+    info = inspect(capsys, path, "--json")
+    vit = {k: v for k, v in detector.items() if k.startswith("backbone.net.") and ".rel_pos_" not in k}
+    assert info["format"] == "detectron2" and info["parameters"]["total"] == numel(vit)
+    assert info["set_aside_parameters"] == numel(detector) - numel(vit) > 0
+    assert "more parameters (a detector's pyramid and heads" in inspect(capsys, path)

@@ -56,6 +56,7 @@ def describe(ckpt: Checkpoint) -> Dict[str, Any]:
                     "epoch": ckpt.extras.get("epoch", ckpt.meta.get("epoch"))},
         "other_entries": sorted(k for k in ckpt.extras if k not in ("optimizer", "epoch")),
         "tensors": len(sd), "parameters": {k: v for k, v in part.items() if v} | {"total": sum(part.values())},
+        "set_aside_parameters": ckpt.set_aside,
         "dtypes": dict(Counter(str(v.dtype).removeprefix("torch.") for v in sd.values())),
         "meta": {k: v for k, v in ckpt.meta.items() if not isinstance(v, (dict, list))},
     }
@@ -107,6 +108,10 @@ def render(info: Dict[str, Any]) -> str:
     params = info["parameters"]
     parts = ", ".join(f"{k} {_millions(v)}" for k, v in params.items() if k != "total")
     rows.append(("parameters", f"{_millions(params['total'])} in {info['tensors']} tensors ({parts})"))
+    if info["set_aside_parameters"]:
+        rows.append(("outside ViT", f"{_millions(info['set_aside_parameters'])} more parameters (a detector's "
+                                    f"pyramid and heads, a segmentor's neck and heads, relative positions): whole-"
+                                    f"model loading (train_det.py, test_seg.py) takes them, conversion leaves them"))
     rows.append(("dtype", ", ".join(f"{d} ({n} tensors)" if len(info["dtypes"]) > 1 else d
                                     for d, n in info["dtypes"].items())))
     if info["meta"]:

@@ -52,6 +52,9 @@ class Checkpoint:
     state_dict: StateDict
     meta: Dict[str, Any] = field(default_factory=dict)
     extras: Dict[str, Any] = field(default_factory=dict)  # e.g. optimizer, epoch, args of a training checkpoint
+    # Parameters the file holds beyond these weights: a detector's or segmentor's own parts (pyramid, heads, ViTDet's
+    # relative positions), and buffers derived from the grid.
+    set_aside: int = 0
 
     @property
     def has_decoder(self) -> bool:
@@ -167,7 +170,9 @@ def parse_checkpoint(path, obj: Any, meta: Dict[str, Any]) -> Checkpoint:
         raise CheckpointError(f"{path}: unrecognised checkpoint layout (first keys: {sample}); known formats: "
                               f"{', '.join(FORMATS)}")
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    return Checkpoint(path, fmt.name, fmt.to_canonical(tensors), meta, extras)
+    canonical = fmt.to_canonical(tensors)
+    set_aside = sum(v.numel() for v in tensors.values()) - sum(v.numel() for v in canonical.values())
+    return Checkpoint(path, fmt.name, canonical, meta, extras, set_aside=max(set_aside, 0))
 
 
 def _read_directory(path: Path) -> Checkpoint:
