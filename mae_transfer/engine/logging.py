@@ -25,7 +25,7 @@ from .amp import Precision
 from .batch import BatchPlan
 from .distributed import DistInfo
 
-__all__ = ["RunLog", "environment", "progress_bar", "run_record"]
+__all__ = ["RunLog", "progress_bar", "run_record"]
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
@@ -104,10 +104,10 @@ def run_record(args: argparse.Namespace, plan: BatchPlan, precision: Precision, 
     record none of them."""
     return {"argv": sys.argv, "args": vars(args), "plan": {**dataclasses.asdict(plan), "effective": plan.effective},
             "precision": precision.mode, "resumed_from": str(resumed_from) if resumed_from else None,
-            "environment": environment(dist)}
+            "environment": _environment(dist)}
 
 
-def environment(dist: DistInfo) -> Dict[str, Any]:
+def _environment(dist: DistInfo) -> Dict[str, Any]:
     """Versions of what computes (Python, torch, CUDA, cuDNN, timm, NumPy, this package and its source commit) and
     where (processes, this process's device, CPU and threads)."""
     env: Dict[str, Any] = {
