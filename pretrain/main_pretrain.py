@@ -24,7 +24,7 @@ from mae_transfer.checkpoints import atomic_path, save_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform, whole_images
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, adamw, add_batch_flags,
                                  add_precision_flags, add_run_flags, data_parallel, distributed_run,
-                                 exit_on_non_finite, param_groups, resume, run_record, save_epoch, scaled_lr,
+                                 exit_on_non_finite, open_run_log, param_groups, resume, save_epoch, scaled_lr,
                                  seed_everything, train_one_epoch, training_loader, warmup_cosine)
 from mae_transfer.models import MASKING_STRATEGIES, MODELS, MaskedAutoencoderViT, create_model, masking_noise
 from mae_transfer.visualization import reconstruction_picture
@@ -177,10 +177,7 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
     last_checkpoint = resume(args, model=model_without_ddp, optimizer=optimizer, precision=precision)
 
     train_model = torch.compile(model) if args.compile else model
-    log = RunLog(output_dir / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
-    if dist.is_main:  # what ran, in full: the log's first record, and again at every resumption
-        log.write("run", args.start_epoch * plan.iters_per_epoch,
-                  run_record(args, plan, precision, dist, resumed_from=last_checkpoint))
+    log = open_run_log(args, plan, precision, dist, resumed_from=last_checkpoint)
     previews = preview_images(dataset, args.input_size).to(device) if dist.is_main else None
     step_fn = partial(mae_step, mask_ratio=args.mask_ratio, device=device)
     max_iterations = args.max_steps * plan.accum_iter if args.max_steps is not None else None

@@ -32,9 +32,9 @@ from mae_transfer.checkpoints import atomic_path, load_into, read_checkpoint, sa
 from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESETS, build_classifier, build_optimizer,
                               evaluate, load_pretrained, resolve_mode)
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
-from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, add_batch_flags, add_precision_flags,
+from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, add_batch_flags, add_precision_flags,
                                  add_run_flags, data_parallel, distributed_run, exit_on_non_finite, latest_checkpoint,
-                                 resume, run_record, save_epoch, scaled_lr, seed_everything, train_one_epoch,
+                                 open_run_log, resume, save_epoch, scaled_lr, seed_everything, train_one_epoch,
                                  training_loader, warmup_cosine)
 
 
@@ -284,10 +284,7 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
     last_checkpoint = resume(args, model=model_without_ddp, optimizer=optimizer, precision=precision)
 
     train_model = torch.compile(model) if args.compile else model
-    log = RunLog(output_dir / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
-    if dist.is_main:  # what ran, in full: the log's first record, and again at every resumption
-        log.write("run", args.start_epoch * plan.iters_per_epoch,
-                  run_record(args, plan, precision, dist, resumed_from=last_checkpoint))
+    log = open_run_log(args, plan, precision, dist, resumed_from=last_checkpoint)
     max_iterations = args.max_steps * plan.accum_iter if args.max_steps is not None else None
     best: Dict[str, Any] = {}
     if last_checkpoint is not None and dist.is_main:  # the log beside a checkpoint is the run's that wrote it

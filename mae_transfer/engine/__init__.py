@@ -6,7 +6,7 @@ from .batch import BatchPlan, resolve_accum_iter, training_loader
 from .distributed import (DistInfo, all_gather_object, all_reduce, data_parallel, distributed_run, get_rank,
                           get_world_size, init_distributed, is_distributed, is_main_process, seed_everything)
 from .flags import add_batch_flags, add_precision_flags, add_run_flags
-from .logging import RunLog, progress_bar, run_record
+from .logging import RunLog, open_run_log, progress_bar
 from .loop import EpochResult, NonFiniteLossError, StepFn, exit_on_non_finite, skip_gradient_sync, train_one_epoch
 from .optim import adamw, param_groups, scaled_lr
 from .schedule import warmup_cosine
@@ -15,7 +15,7 @@ from .state import latest_checkpoint, load_state, resume, rng_state, save_epoch,
 __all__ = ["AMP_MODES", "BatchPlan", "DistInfo", "EpochResult", "NonFiniteLossError", "Precision", "RunLog", "StepFn",
            "add_batch_flags", "add_precision_flags", "add_run_flags", "adamw", "all_gather_object", "all_reduce",
            "data_parallel", "distributed_run", "exit_on_non_finite", "get_rank", "get_world_size", "init_distributed",
-           "is_distributed", "is_main_process", "latest_checkpoint", "load_state", "param_groups", "progress_bar",
-           "resolve_accum_iter", "resume", "rng_state", "run_record", "save_epoch", "save_state", "scaled_lr",
+           "is_distributed", "is_main_process", "latest_checkpoint", "load_state", "open_run_log", "param_groups",
+           "progress_bar", "resolve_accum_iter", "resume", "rng_state", "save_epoch", "save_state", "scaled_lr",
            "seed_everything", "set_rng_state", "skip_gradient_sync", "train_one_epoch", "training_loader",
            "warmup_cosine"]

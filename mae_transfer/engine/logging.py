@@ -25,7 +25,7 @@ from .amp import Precision
 from .batch import BatchPlan
 from .distributed import DistInfo
 
-__all__ = ["RunLog", "progress_bar", "run_record"]
+__all__ = ["RunLog", "open_run_log", "progress_bar"]
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
@@ -96,8 +96,18 @@ class RunLog:
             self._tb = None
 
 
-def run_record(args: argparse.Namespace, plan: BatchPlan, precision: Precision, dist: DistInfo,
-               resumed_from: Optional[Path]) -> Dict[str, Any]:
+def open_run_log(args: argparse.Namespace, plan: BatchPlan, precision: Precision, dist: DistInfo,
+                 resumed_from: Optional[Path]) -> RunLog:
+    """A run's log as the MAE reference lays it out (log.jsonl in --output_dir, TensorBoard in --log_dir, else
+    --output_dir), opened by the main process with its run record: first, and again at every resumption."""
+    log = RunLog(Path(args.output_dir) / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
+    log.write("run", args.start_epoch * plan.iters_per_epoch,
+              _run_record(args, plan, precision, dist, resumed_from=resumed_from))
+    return log
+
+
+def _run_record(args: argparse.Namespace, plan: BatchPlan, precision: Precision, dist: DistInfo,
+                resumed_from: Optional[Path]) -> Dict[str, Any]:
     """What a run (or a resumption of it) was: its command, every setting as resolved (preset, scaled lr, start
     epoch, --amp auto's choice), its batch plan, the checkpoint it resumed, and the software and hardware.
     Reproduction gaps of a few tenths are often a version, a GPU count or a setting apart, and the reference's logs
