@@ -1,9 +1,11 @@
+from contextlib import contextmanager
 from functools import partial
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mae_transfer.models import (ARCHS, DECODERS, MaskedAutoencoderViT, create_model, mae_vit_base_patch16,
                                  sincos_pos_embed_2d, vit_tiny_patch16)
@@ -67,6 +69,32 @@ def test_patchify_roundtrip():
     patches = model.patchify(imgs)
     assert torch.equal(patches[1, 6], patch_pixels(imgs[1], 1, 2, 8))
     assert torch.equal(model.unpatchify(patches), imgs)
+
+
+@contextmanager
+def cuda_autocast(dtype):
+    """CUDA autocast's dispatch on tensors faked as CUDA (FakeTensorMode), so its casts show on a CPU-only machine;
+    torch.autocast('cuda') would disable itself here."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        was_enabled, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", dtype)
+        try:
+            yield
+        finally:
+            torch.set_autocast_enabled("cuda", was_enabled)
+            torch.set_autocast_dtype("cuda", was_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_targets_keep_fp32_under_cuda_autocast(dtype):
+    # CUDA autocast casts einsum, the reference's way to patchify, to bf16/fp16: the targets would be rounded.
+    model = tiny_mae()
+    with cuda_autocast(dtype):
+        imgs = torch.empty(2, 3, 32, 32, device="cuda")
+        assert torch.einsum("nchw->nhwc", imgs).dtype == dtype  # the fake autocast is in force
+        assert model.patchify(imgs).dtype == torch.float32
+        assert model.unpatchify(model.patchify(imgs)).dtype == torch.float32
 
 
 def test_encoder_matches_timm_vit_with_the_same_weights():

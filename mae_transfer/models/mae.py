@@ -71,12 +71,13 @@ class MaskedAutoencoderViT(VisionTransformer):
     def patch_size(self) -> int:
         return self.patch_embed.patch_size[0]
 
+    # The reference writes these transposes as einsum ('nchpwq->nhwpqc'); CUDA autocast casts einsum to bf16/fp16
+    # like a matmul, which would round the loss targets. permute is the same reordering and keeps their dtype.
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, p*p*C), each patch's pixels ordered (p, p, c) as the reference does."""
         p = self.patch_size
         n, c, h, w = imgs.shape
-        x = imgs.reshape(n, c, h // p, p, w // p, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
+        x = imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)  # n h w p q c
         return x.reshape(n, (h // p) * (w // p), p * p * c)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         p = self.patch_size
         gh, gw = self.grid_size
         c = x.shape[-1] // (p * p)
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = x.reshape(x.shape[0], gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)  # n c h p w q
         return x.reshape(x.shape[0], c, gh * p, gw * p)
 
     # -- the method ----------------------------------------------------------------------------------------------
