@@ -24,11 +24,16 @@ from mae_transfer.checkpoints import atomic_path, save_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform, whole_images
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, adamw, add_batch_flags,
                                  add_precision_flags, add_run_flags, data_parallel, distributed_run,
-                                 exit_on_non_finite, open_run_log, param_groups, resume, save_epoch, scaled_lr,
-                                 seed_everything, train_one_epoch, training_loader, warmup_cosine)
+                                 exit_on_non_finite, open_run_log, param_groups, positive_int, preset_defaults,
+                                 resume, save_epoch, scaled_lr, seed_everything, train_one_epoch, training_loader,
+                                 warmup_cosine)
 from mae_transfer.models import MASKING_STRATEGIES, MODELS, MaskedAutoencoderViT, create_model, masking_noise
 from mae_transfer.visualization import reconstruction_picture
 from presets import PRESETS
+
+# What a resumed run must share with its checkpoint's run: the model and what it learns (engine.resume).
+RECIPE = ("model", "input_size", "mask_ratio", "masking", "norm_pix_loss", "decoder_embed_dim", "decoder_depth",
+          "decoder_num_heads")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,9 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="a documented recipe (see presets.py); flags given explicitly override it")
-    parser.add_argument("--batch_size", default=64, type=int,
+    parser.add_argument("--batch_size", default=64, type=positive_int,
                         help="batch size per GPU (effective batch size is batch_size * accum_iter * #GPUs)")
-    parser.add_argument("--epochs", default=400, type=int)
+    parser.add_argument("--epochs", default=400, type=positive_int)
     add_batch_flags(parser)
 
     # Model
@@ -77,10 +82,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse flags; a --preset supplies defaults, so explicit flags always win."""
     parser = get_args_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset is not None:
-        parser.set_defaults(**PRESETS[preset])
-    return parser.parse_args(argv)
+    given = parser.parse_known_args(argv)[0]
+    if given.preset is not None:
+        parser.set_defaults(**preset_defaults(PRESETS[given.preset], given))
+    args = parser.parse_args(argv)
+    if not 0 < args.mask_ratio < 1:  # no masked patch leaves the loss 0 / 0; no visible one, nothing to encode
+        parser.error(f"--mask_ratio {args.mask_ratio}: must be above 0 and below 1")
+    return args
 
 
 def data_root(path: str) -> Path:
@@ -147,8 +155,11 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
 
     decoder = {k: getattr(args, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
                if getattr(args, k) is not None}
-    model = create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                         masking=args.masking, **decoder).to(device)
+    try:
+        model = create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                             masking=args.masking, **decoder).to(device)
+    except ValueError as err:
+        raise SystemExit(f"--model {args.model} --input_size {args.input_size}: {err}") from None
 
     noise_fn = partial(masking_noise, args.masking, 1, model.grid_size, args.mask_ratio)
     dataset = ImageFolderDataset(data_root(args.data_path), seed=args.seed,
@@ -174,7 +185,7 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
     scheduler = warmup_cosine(optimizer, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                               iters_per_epoch=plan.iters_per_epoch, min_lr=args.min_lr)
 
-    last_checkpoint = resume(args, model=model_without_ddp, optimizer=optimizer, precision=precision)
+    last_checkpoint = resume(args, model=model_without_ddp, optimizer=optimizer, precision=precision, recipe=RECIPE)
 
     train_model = torch.compile(model) if args.compile else model
     log = open_run_log(args, plan, precision, dist, resumed_from=last_checkpoint)

@@ -44,6 +44,8 @@ def test_folders_with_and_without_class_subfolders(tmp_path):
         list_images(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         list_images(tmp_path / "missing")
+    with pytest.raises(NotADirectoryError, match="notes.txt is a file, not an image folder"):
+        list_images(tmp_path / "cls" / "notes.txt")
 
 
 def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):

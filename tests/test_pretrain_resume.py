@@ -5,9 +5,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from mae_transfer.checkpoints import read_checkpoint
+from mae_transfer.checkpoints import CheckpointError, read_checkpoint
 from pretrain_helpers import MAIN, ROOT, make_image_folder, one_thread, run_main, subprocess_env, tiny_flags
 
 sys.path.insert(0, str(ROOT / "pretrain"))
@@ -55,3 +56,24 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     resumed = run_main(tiny_flags(tmp_path / "data", killed_out, resume=killed_out, **common))
     assert resumed.returncode == 0, resumed.stderr
     _assert_same(_final_weights(tmp_path / "full"), _final_weights(killed_out))
+
+
+def test_a_resumption_keeps_the_recipe_and_a_fresh_run_keeps_off_an_earlier_one(tmp_path, capsys):
+    make_image_folder(tmp_path / "data", 8)
+    out = tmp_path / "run"
+    common = dict(epochs=2, warmup_epochs=0, norm_pix_loss=True)
+    _run_here(tiny_flags(tmp_path / "data", out, max_steps=2, **common))  # checkpoint-0.pth
+    # Another decoder head count shapes no tensor: it would load and silently train another model.
+    with pytest.raises(CheckpointError, match="saved by a run with --decoder_num_heads None; this run has "
+                                              "--decoder_num_heads 2"):
+        _run_here(tiny_flags(tmp_path / "data", out, resume=out, decoder_num_heads=2, **common))
+    with pytest.raises(CheckpointError, match="--norm_pix_loss True; this run has --norm_pix_loss False"):
+        _run_here(tiny_flags(tmp_path / "data", out, resume=out, **{**common, "norm_pix_loss": None}))
+    # Without --resume it would overwrite checkpoint-0 and leave the earlier run's later ones to a later --resume.
+    with pytest.raises(CheckpointError, match="holds checkpoint-0.pth of an earlier run: add --resume"):
+        _run_here(tiny_flags(tmp_path / "data", out, **common))
+    capsys.readouterr()
+    _run_here(tiny_flags(tmp_path / "data", out, resume=out, **{**common, "epochs": 3}))  # extending is fine: said
+    assert "settings changed since that run: --epochs 3 (were --epochs 2)" in capsys.readouterr().out
+    _run_here(tiny_flags(tmp_path / "data", out, resume=out, **{**common, "epochs": 3}))
+    assert "all 3 epochs were done: nothing to train" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """tools/visualize_mae.py and tools/benchmark_pretrain.py on tiny models."""
+import argparse
 import sys
 
 import numpy as np
@@ -9,10 +10,12 @@ from PIL import Image
 from mae_transfer.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from mae_transfer.models import MaskedAutoencoderViT, apply_masking, mae_vit_tiny_patch16, masking_noise
 from mae_transfer.visualization import reconstruct
-from pretrain_helpers import ROOT, make_image_folder
+from pretrain_helpers import ROOT, make_image_folder, one_thread, tiny_flags
 
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "pretrain"))
 import benchmark_pretrain  # noqa: E402
+import main_pretrain  # noqa: E402
 import visualize_mae  # noqa: E402
 
 
@@ -68,6 +71,31 @@ def test_a_checkpoint_without_metadata_rebuilds_its_own_decoder(tmp_path):
         visualize_mae.build_model(read_checkpoint(path), norm_pix_loss=False)
 
 
+def test_a_training_checkpoint_draws_as_its_run_trained(tmp_path):
+    """A checkpoint-N.pth records its run's flags, not metadata: the targets and a head count given by flag (which
+    shapes no tensor) come from them, so it draws exactly as the run's exported mae_full.safetensors does."""
+    make_image_folder(tmp_path / "img", 8)
+    with one_thread():
+        main_pretrain.main(main_pretrain.parse_args(tiny_flags(tmp_path / "img", tmp_path / "run", epochs=1,
+                                                               warmup_epochs=0, norm_pix_loss=True,
+                                                               decoder_num_heads=2)))
+    state = read_checkpoint(tmp_path / "run" / "checkpoint-0.pth")
+    assert state.meta["norm_pix_loss"] is True and state.decoder_num_heads == 2  # the width alone says 4
+    pictures = []
+    for checkpoint in ("checkpoint-0.pth", "mae_full.safetensors"):
+        out = tmp_path / f"{checkpoint}.png"
+        visualize_mae.main(["--checkpoint", str(tmp_path / "run" / checkpoint), "--images", str(tmp_path / "img"),
+                            "--out", str(out)])
+        pictures.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*pictures)
+    # The reference's training checkpoints record a Namespace; its model's name gives the head counts.
+    reference = tmp_path / "checkpoint-9.pth"
+    torch.save({"model": _tiny_mae().state_dict(), "epoch": 9,
+                "args": argparse.Namespace(model="mae_vit_tiny_patch16", norm_pix_loss=True)}, reference)
+    recorded = read_checkpoint(reference)
+    assert recorded.meta["norm_pix_loss"] is True and recorded.decoder_num_heads == 4
+
+
 def test_normalised_pixel_predictions_are_mapped_back_with_each_patch_statistics(tmp_path, monkeypatch):
     """A model that predicts its norm_pix_loss targets exactly (reference.md: each patch's pixels minus their mean,
     over sqrt(unbiased variance + 1e-6)) is drawn as the original image, to 8-bit rounding."""
@@ -86,7 +114,7 @@ def test_normalised_pixel_predictions_are_mapped_back_with_each_patch_statistics
     assert error.max() <= 1
 
 
-def test_visualize_cli_writes_a_grid_and_refuses_encoder_only(tmp_path):
+def test_visualize_cli_writes_a_grid_and_refuses_encoder_only(tmp_path, capsys):
     model = _tiny_mae(norm_pix_loss=True)
     full, encoder = tmp_path / "mae_full.safetensors", tmp_path / "encoder.safetensors"
     save_checkpoint(full, model.state_dict(), {"norm_pix_loss": True, "decoder_num_heads": 4, "num_heads": 3})
@@ -99,6 +127,9 @@ def test_visualize_cli_writes_a_grid_and_refuses_encoder_only(tmp_path):
         assert grid.size == (4 * 164 + 4, 18 + 3 * 164 + 4)
     with pytest.raises(CheckpointError, match="cannot reconstruct"):
         visualize_mae.main(["--checkpoint", str(encoder), "--images", str(tmp_path / "img")])
+    with pytest.raises(SystemExit):  # before any work: PIL would refuse the name only once the picture is drawn
+        visualize_mae.main(["--checkpoint", str(full), "--images", str(tmp_path / "img"), "--out", "recon"])
+    assert "--out recon: no image format has that extension" in capsys.readouterr().err
 
 
 def test_flop_count_equals_the_hand_formula():

@@ -154,6 +154,34 @@ def test_presets_reproduce_the_documented_recipe():
     assert accum_iter(plain, world_size=2) == 1
 
 
+def test_an_explicit_accum_iter_replaces_the_preset_s_effective_batch():
+    args = main_pretrain.parse_args(["--preset", "base-800", "--accum_iter", "4"])
+    assert (args.accum_iter, args.effective_batch_size, args.blr) == (4, None, 1.5e-4)
+    both = main_pretrain.parse_args(["--preset", "base-800", "--accum_iter", "4", "--effective_batch_size", "2048"])
+    with pytest.raises(ValueError, match="contradicts"):  # both given: the user's contradiction, said so
+        resolve_accum_iter(64, 4, accum_iter=both.accum_iter, effective_batch_size=both.effective_batch_size)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask_ratio", "0"], "--mask_ratio 0.0: must be above 0 and below 1"),
+    (["--mask_ratio", "1"], "--mask_ratio 1.0: must be above 0 and below 1"),
+    (["--save_every", "0"], "argument --save_every: 0 is not a positive integer"),
+    (["--log_every", "0"], "argument --log_every: 0 is not a positive integer"),
+    (["--accum_iter", "0"], "argument --accum_iter: 0 is not a positive integer"),
+    (["--batch_size", "-1"], "argument --batch_size: -1 is not a positive integer"),
+    (["--output_dir", ""], "argument --output_dir: empty: name the folder"),
+])
+def test_flags_that_cannot_work_are_refused_when_parsed(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        main_pretrain.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_an_input_size_that_is_no_multiple_of_the_patch_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--input_size 70: image size 70 is not a multiple of the patch size 16"):
+        main_pretrain.main(main_pretrain.parse_args(tiny_flags(tmp_path / "data", tmp_path / "out", input_size=70)))
+
+
 def test_the_reference_commands_paste():
     # PRETRAIN.md's flags, as torch.distributed.launch (torch >= 2.0) passes them with its --local-rank.
     args = main_pretrain.parse_args(["--local-rank=3", "--batch_size", "64", "--model", "mae_vit_large_patch16",

@@ -34,8 +34,11 @@ from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESET
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, add_batch_flags, add_precision_flags,
                                  add_run_flags, data_parallel, distributed_run, exit_on_non_finite, latest_checkpoint,
-                                 open_run_log, resume, save_epoch, scaled_lr, seed_everything, train_one_epoch,
-                                 training_loader, warmup_cosine)
+                                 open_run_log, positive_int, preset_defaults, resume, save_epoch, scaled_lr,
+                                 seed_everything, train_one_epoch, training_loader, warmup_cosine)
+
+# What a resumed run must share with its checkpoint's run: the model and its task (engine.resume).
+RECIPE = ("model", "input_size", "nb_classes", "mode", "partial_blocks", "global_pool", "dataset")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,9 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "partial (last --partial_blocks blocks + norm + head); default finetune")
     parser.add_argument("--partial_blocks", type=int, default=0,
                         help="blocks tuned by --mode partial, counted from the last (0 = linear probing)")
-    parser.add_argument("--batch_size", type=int, default=None,
+    parser.add_argument("--batch_size", type=positive_int, default=None,
                         help=f"batch size per GPU; effective batch = batch_size * accum_iter * #GPUs {by_mode}")
-    parser.add_argument("--epochs", type=int, default=None, help=by_mode)
+    parser.add_argument("--epochs", type=positive_int, default=None, help=by_mode)
     add_batch_flags(parser)
 
     # Model
@@ -114,7 +117,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     preset = PRESETS[known.preset] if known.preset else {}
     mode = known.mode or preset.get("mode", "finetune")
     parser.set_defaults(**MODE_DEFAULTS[resolve_mode(mode, known.partial_blocks)])
-    parser.set_defaults(**{**preset, "mode": mode})
+    parser.set_defaults(**{**preset_defaults(preset, known), "mode": mode})
     args = parser.parse_args(argv)
     if args.aa is not None and args.aa.lower() == "none":
         args.aa = None
@@ -281,7 +284,7 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
     mixup = build_mixup(args, num_classes)
     step_fn = partial(classification_step, criterion=build_criterion(args, mixup), mixup=mixup, device=device)
 
-    last_checkpoint = resume(args, model=model_without_ddp, optimizer=optimizer, precision=precision)
+    last_checkpoint = resume(args, model=model_without_ddp, optimizer=optimizer, precision=precision, recipe=RECIPE)
 
     train_model = torch.compile(model) if args.compile else model
     log = open_run_log(args, plan, precision, dist, resumed_from=last_checkpoint)

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import List, Sequence
 
 import torch
+from PIL import Image
 
 from mae_transfer.checkpoints import Checkpoint, CheckpointError, load_into, read_checkpoint
 from mae_transfer.data.images import list_images, whole_images
+from mae_transfer.engine import positive_int
 from mae_transfer.models import MASKING_STRATEGIES, MaskedAutoencoderViT
 from mae_transfer.visualization import reconstruction_picture
 
@@ -58,7 +60,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint with the MAE decoder")
     parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
-    parser.add_argument("--num_images", type=int, default=4, help="at most this many rows")
+    parser.add_argument("--num_images", type=positive_int, default=4, help="at most this many rows")
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     parser.add_argument("--masking", default="random", choices=sorted(MASKING_STRATEGIES))
     parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
@@ -67,6 +69,8 @@ def main(argv=None) -> None:
     parser.add_argument("--scale", type=int, default=None, help="upscale tiles by this factor (default: to >=160px)")
     parser.add_argument("--out", default="mae_reconstructions.png")
     args = parser.parse_args(argv)
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():  # before the model runs, not after
+        parser.error(f"--out {args.out}: no image format has that extension (e.g. .png, .jpg)")
 
     ckpt = read_checkpoint(args.checkpoint)
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(ckpt.meta.get("norm_pix_loss", False))

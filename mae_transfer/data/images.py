@@ -41,7 +41,8 @@ def list_images(root: Path) -> Tuple[List[Path], List[int], List[str]]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise (NotADirectoryError(f"{root} is a file, not an image folder") if root.exists()
+               else FileNotFoundError(f"image folder not found: {root}"))
     files: List[Path] = []
     # Links are followed (datasets are often assembled from links), except back into a folder above: each folder's
     # chain of real paths from the root finds such loops, which would list the same images again and again.

@@ -23,6 +23,10 @@ from .loop import EpochResult
 __all__ = ["rng_state", "set_rng_state", "save_state", "save_epoch", "load_state", "latest_checkpoint", "resume"]
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth")
+# Flags that say where and how a run executes, not what it trains: they may change at a resumption unremarked.
+RUN_MECHANICS = frozenset({"preset", "resume", "start_epoch", "output_dir", "log_dir", "data_path", "device",
+                           "local_rank", "world_size", "dist_url", "num_workers", "pin_mem", "compile", "max_steps",
+                           "save_every", "log_every", "batch_size", "accum_iter", "dist_eval"})
 
 
 def rng_state(device: torch.device = torch.device("cpu")) -> Dict[str, Any]:
@@ -83,9 +87,13 @@ def save_epoch(args: argparse.Namespace, epoch: int, result: EpochResult, *, ite
     return path
 
 
-def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-               precision: Precision) -> Dict[str, Any]:
+def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+               recipe: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Restore a state saved by `save_state` into the given objects and this process's RNGs.
+
+    `recipe`: this run's values of the flags that define the model and what it learns. A state saved with other
+    values is refused, naming them: a decoder with other head counts or other targets would load into tensors of the
+    same shapes and silently train something else.
 
     Returns the state (its 'epoch', 'iteration' and 'args' tell the caller where to continue). RNG states are
     restored per rank when the world size is unchanged; otherwise generators keep their fresh seeds.
@@ -95,6 +103,11 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     if missing:
         raise CheckpointError(f"{path}: not a training state saved by mae-transfer (missing {', '.join(missing)})")
     saved = state.get("args", {})
+    changed = [k for k, v in (recipe or {}).items() if k in saved and saved[k] != v]
+    if changed:
+        raise CheckpointError(
+            f"{path} was saved by a run with {_flags(saved, changed)}; this run has {_flags(recipe, changed)}. "
+            "Resume with the flags (or --preset) the run was started with.")
 
     def mismatch(what: str, flags: Sequence[str], err: Exception) -> CheckpointError:
         given = " ".join(f"--{k} {saved[k]}" for k in flags if saved.get(k) is not None)
@@ -115,6 +128,10 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     return state
 
 
+def _flags(values: Dict[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"--{k} {values[k]}" for k in keys)
+
+
 def latest_checkpoint(path: Path) -> Optional[Path]:
     """`path` if it is a file, else the checkpoint-N.pth in the directory `path` with the largest N (or None)."""
     path = Path(path)
@@ -126,24 +143,40 @@ def latest_checkpoint(path: Path) -> Optional[Path]:
     return max(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)), default=None)
 
 
-def resume(args: argparse.Namespace, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-           precision: Precision) -> Optional[Path]:
+def resume(args: argparse.Namespace, *, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+           recipe: Sequence[str] = ()) -> Optional[Path]:
     """The --resume flag, as the reference's misc.load_model: restore the checkpoint `args.resume` names (a file,
     or a directory's latest checkpoint), set `args.start_epoch` to the epoch after it and say so.
 
-    Checkpoints are taken at the end of an epoch and the schedule's position is a fraction of the run's epochs, so a
-    run may resume on another number of GPUs (with --effective_batch_size, the recipe's batch is kept).
+    `recipe` names the flags that must be as the checkpoint's run had them (see load_state); other settings that
+    differ (--epochs, to extend a run) are listed. Checkpoints are taken at the end of an epoch and the schedule's
+    position is a fraction of the run's epochs, so a run may resume on another number of GPUs (with
+    --effective_batch_size, the recipe's batch is kept).
 
     Returns the checkpoint restored, or None when `args.resume` is empty or a directory with no checkpoint yet, so a
-    job that is always launched with --resume OUTPUT_DIR starts fresh the first time.
+    job that is always launched with --resume OUTPUT_DIR starts fresh the first time. Without --resume, an
+    --output_dir holding an earlier run's checkpoints is refused: the fresh run would overwrite some and leave the
+    later ones, which a --resume of that folder would then take.
     """
+    if not args.resume:
+        earlier = latest_checkpoint(Path(args.output_dir)) if Path(args.output_dir).is_dir() else None
+        if earlier is not None:
+            raise CheckpointError(f"--output_dir {args.output_dir} holds {earlier.name} of an earlier run: add "
+                                  f"--resume {args.output_dir} to continue that run, or give a new --output_dir")
     checkpoint = latest_checkpoint(Path(args.resume)) if args.resume else None
     if checkpoint is None:
         if args.resume and is_main_process():
             print(f"--resume {args.resume}: no checkpoint there yet; starting from scratch")
         return None
-    state = load_state(checkpoint, model=model, optimizer=optimizer, precision=precision)
+    state = load_state(checkpoint, model=model, optimizer=optimizer, precision=precision,
+                       recipe={k: getattr(args, k) for k in recipe})
     args.start_epoch = state["epoch"] + 1
     if is_main_process():
         print(f"resumed from {checkpoint}: epoch {state['epoch']} done, {state['iteration']} iterations")
+        saved, now = state.get("args", {}), vars(args)
+        changed = [k for k in sorted(saved.keys() & now.keys() - RUN_MECHANICS) if saved[k] != now[k]]
+        if changed:
+            print(f"settings changed since that run: {_flags(now, changed)} (were {_flags(saved, changed)})")
+        if args.start_epoch >= args.epochs:
+            print(f"all {args.epochs} epochs were done: nothing to train")
     return checkpoint

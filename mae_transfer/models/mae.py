@@ -26,6 +26,8 @@ class MaskedAutoencoderViT(VisionTransformer):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_pix_loss=False, masking="random", **encoder_kwargs):
+        if img_size % patch_size:  # the targets are whole patches; timm would drop the pixels beyond the last
+            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=norm_layer,
