@@ -101,7 +101,11 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     state = load_training_state(path)
     missing = [k for k in ("model", "optimizer", "epoch", "iteration", "rng") if k not in state]
     if missing:
-        raise CheckpointError(f"{path}: not a training state saved by mae-transfer (missing {', '.join(missing)})")
+        written_by = ("; a training checkpoint of the MAE reference's scripts, which record neither the schedule's "
+                      "position nor the random generators, cannot be continued exactly" if "rng" not in state
+                      and {"model", "optimizer", "epoch"} <= state.keys() else "")
+        raise CheckpointError(f"{path}: not a training state saved by mae-transfer (missing {', '.join(missing)})"
+                              + written_by)
     saved = state.get("args", {})
     changed = [k for k, v in (recipe or {}).items() if k in saved and saved[k] != v]
     if changed:
