@@ -18,8 +18,7 @@ def warmup_cosine(optimizer: Optimizer, *, epochs: int, warmup_epochs: float, it
     """A schedule for `optimizer` (its groups' lr is the peak); call `.step_update(t)` before iteration t."""
     warmup = round(warmup_epochs * iters_per_epoch)
     total = epochs * iters_per_epoch
-    if total <= warmup:
-        raise ValueError(f"--epochs ({epochs}) must exceed --warmup_epochs ({warmup_epochs}): the cosine phase "
-                         "would be empty")
-    return CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=min_lr, warmup_t=warmup,
+    # A run no longer than its warmup ends inside it, as the reference's does (short smoke runs); timm needs a cosine
+    # phase of at least one iteration, which such a run never reaches.
+    return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, warmup_t=warmup,
                              warmup_lr_init=0.0, warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
