@@ -78,6 +78,24 @@ def test_vitdet_arch_puts_global_attention_in_vitdets_blocks():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fused_attention_gives_detectron2s_gradients(fp32_matmuls):
+    """On a GPU, SDPA runs the relative-position bias through a fused kernel (memory-efficient or cuDNN) whose
+    gradient for the mask is its own code: every gradient, the tables' included, must be detectron2's (an explicit
+    softmax)."""
+    ours = _randomised(ViT(**VIT)).cuda().train()
+    theirs = Detectron2ViT(**VIT).cuda().train()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 96, 160, device="cuda")
+    target = torch.randn(2, 192, 6, 10, device="cuda")
+    for model in (ours, theirs):
+        ((model(x)["last_feat"] - target) ** 2).mean().backward()
+    theirs_grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs_grads[name].grad, rtol=1e-3, atol=1e-6, msg=name)
+    assert ours.blocks[2].attn.rel_pos_h.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_native_bf16), torch.float16])
 def test_cuda_autocast_follows_detectron2_in_fp32_and_trains(dtype, fp32_matmuls):
     """On CUDA under autocast the relative-position bias reaches SDPA in the queries' dtype (a float32 mask with

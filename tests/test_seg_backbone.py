@@ -3,6 +3,7 @@ report."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytest.importorskip("mmseg")
 
@@ -229,6 +230,25 @@ def test_cuda_autocast_follows_fp32_and_trains(dtype, fp32_matmuls):
     scaler.step(optimizer)
     scaler.update()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fused_attention_gives_the_math_gradients(fp32_matmuls):
+    """On a GPU, SDPA runs the relative position bias through a fused kernel (memory-efficient or cuDNN) whose
+    gradient for the mask is its own code: every gradient, the tables' included, must be the plain softmax's."""
+    model = ViTBackbone(**SMALL).cuda().train()
+    _randomize(model, seed=3)
+    x = torch.randn(2, 3, 80, 48, device="cuda")
+    grads = []
+    for backends in ([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], [SDPBackend.MATH]):
+        model.zero_grad()
+        with sdpa_kernel(backends, set_priority=True):
+            sum(level.square().mean() for level in model(x)).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    fused, math = grads
+    for name in math:
+        torch.testing.assert_close(fused[name], math[name], rtol=1e-3, atol=1e-6, msg=name)
+    assert math["vit.blocks.0.rel_pos_bias.table"].abs().sum() > 0
 
 
 def test_a_checkpoint_given_both_as_pretrained_and_in_init_cfg_is_refused_naming_the_override():
