@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from timm.data.auto_augment import RandAugment
+from PIL import Image, ImageOps
+from timm.data.auto_augment import AutoAugment, RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
@@ -204,6 +204,28 @@ def test_randaugment_posterize_at_the_top_magnitude_blacks_out_instead_of_crashi
     assert np.array(out).max() == 0
     op.magnitude = 5  # level 5 -> keep 2 bits: 200 = 0b11001000 -> 0b11000000
     assert np.array(op(Image.fromarray(np.full((8, 8, 3), 200, np.uint8)))).max() == 192
+
+
+@pytest.mark.parametrize("policy", ["v0", "v0r", "original", "originalr", "3a", "rand-m9-mstd0.5-inc1",
+                                    "rand-m0-n3", "augmix-m5-w4-d2"])
+def test_every_timm_auto_augment_family_runs_under_this_pillow(policy):
+    # v0's ('Posterize', 0.8, 2) keeps int(2 / 10 * 4) = 0 bits; rand-m0 asks Posterize for 0 bits on every draw
+    transform = classification_transform(True, 16, auto_augment=policy)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    for _ in range(200):
+        assert transform(image).shape == (3, 16, 16)
+
+
+def test_the_patched_posterize_keeps_what_pillow_keeps_and_blacks_out_at_zero_bits():
+    (autoaugment,) = [step for step in classification_transform(True, 16, auto_augment="v0").transform.transforms
+                      if isinstance(step, AutoAugment)]
+    op = next(op for sub_policy in autoaugment.policy for op in sub_policy if op.name == "Posterize")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    for bits in range(1, 9):
+        np.testing.assert_array_equal(np.array(op.aug_fn(image, bits)), np.array(ImageOps.posterize(image, bits)))
+    op.prob, op.magnitude = 1.0, 2  # level 2 -> keep int(2 / 10 * 4) = 0 bits: black, as Pillow before 13 gave
+    assert np.array(op(image)).max() == 0
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index_only(tmp_path):

@@ -226,9 +226,10 @@ def build_dataset(name: str, data_path, split: str, transform: Optional[Callable
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize for every RandAugment level: keeping 0 bits gives a black image, as it did before
+    """timm's posterize for every auto-augment level: keeping 0 bits gives a black image, as it did before
     Pillow 13, whose ImageOps.posterize rejects 0. 'rand-m9-mstd0.5-inc1' asks for 0 bits whenever its sampled
-    magnitude reaches the upper bound 10 (2.3% of the draws), which would crash a run within its first epoch."""
+    magnitude reaches the upper bound 10 (2.3% of the draws), and AutoAugment 'v0' in its ('Posterize', 0.8, 2)
+    sub-policy, either of which would crash a run within its first epoch."""
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
     return auto_augment_ops.posterize(img, bits_to_keep)
@@ -277,7 +278,11 @@ def classification_transform(is_train: bool, input_size: int, *, auto_augment: O
                                  interpolation="bicubic", re_prob=re_prob, re_mode=re_mode, re_count=re_count,
                                  mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     for step in transform.transforms:
-        for op in getattr(step, "ops", ()):  # the AugmentOps of RandAugment / AutoAugment
+        if isinstance(step, auto_augment_ops.AutoAugment):  # v0, original, 3a, ...: a list of sub-policies
+            ops = [op for sub_policy in step.policy for op in sub_policy]
+        else:  # RandAugment and AugMix: one list
+            ops = getattr(step, "ops", ())
+        for op in ops:
             if op.aug_fn is auto_augment_ops.posterize:
                 op.aug_fn = _posterize
     return _SeededFromTorch(transform)
