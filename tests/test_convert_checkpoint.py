@@ -12,6 +12,7 @@ from transformers import ViTMAEModel
 from convert_helpers import load_tool, smooth_images, tiny_mae
 from mae_transfer.checkpoints import load_into, read_checkpoint, save_checkpoint
 from mae_transfer.checkpoints.convert import TARGETS
+from mae_transfer.cls import build_classifier
 from mae_transfer.models import sincos_pos_embed_2d, vit_tiny_patch16
 
 convert_tool = load_tool("convert_checkpoint")
@@ -116,6 +117,42 @@ def test_timm_loads_a_finetuned_classifier_strictly(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close(vit(x), ours(x), atol=1e-5, rtol=0)
+
+
+def _linear_probe(**kw):
+    """A trained-looking linear probe (ours and main_linprobe's head): BatchNorm statistics far from 0 and 1."""
+    net = build_classifier("vit_tiny_patch16", 10, mode="linprobe", img_size=32, patch_size=8, depth=2, **kw)
+    g = torch.Generator().manual_seed(0)
+    bn, linear = net.head
+    bn.running_mean.copy_(torch.randn(192, generator=g) * 3)
+    bn.running_var.copy_(torch.rand(192, generator=g) * 5 + 0.01)
+    linear.weight.data.normal_(generator=g)
+    linear.bias.data.normal_(generator=g)
+    return net.eval()
+
+
+@pytest.mark.parametrize("global_pool", [False, True])
+def test_timm_loads_a_linear_probe_with_its_batchnorm_folded_into_the_head(tmp_path, capsys, global_pool):
+    ours = _linear_probe(global_pool=global_pool)
+    torch.save({"model": ours.state_dict()}, tmp_path / "linprobe.pth")  # as main_linprobe saves it
+    convert(tmp_path / "linprobe.pth", tmp_path / "lp.safetensors", "--to", "timm")
+    assert "head.0.* (BatchNorm1d without affine, eps 1e-06) folded into head.1.*" in capsys.readouterr().out
+    vit = _timm_vit(global_pool="avg" if global_pool else "token", num_classes=10).eval()
+    load_checkpoint(vit, str(tmp_path / "lp.safetensors"), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = ours(x)
+        assert_close(vit(x), expected, atol=1e-6 * expected.abs().max().item(), rtol=0)  # float32 rounding
+
+
+def test_a_batchnorm_head_with_affine_parameters_is_not_folded(tmp_path, capsys):
+    sd = _linear_probe().state_dict()
+    sd["head.0.weight"], sd["head.0.bias"] = torch.ones(192), torch.zeros(192)
+    torch.save({"model": sd}, tmp_path / "affine.pth")
+    assert convert_tool.main([str(tmp_path / "affine.pth"), str(tmp_path / "out.safetensors"), "--to", "timm"]) == 1
+    err = capsys.readouterr().err
+    assert "affine.pth: a head timm's one Linear can hold is a linear probe's" in err and "head.0.weight" in err
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def enlarge_each_patch(x: torch.Tensor, patch: int, new_patch: int) -> torch.Tensor:

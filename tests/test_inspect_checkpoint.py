@@ -9,6 +9,7 @@ from detectron2.config import LazyConfig, instantiate
 
 from convert_helpers import load_tool, tiny_mae
 from mae_transfer.checkpoints import load_into, read_checkpoint, save_checkpoint
+from mae_transfer.cls import build_classifier
 from mae_transfer.models import create_model, vit_tiny_patch16
 
 inspect_tool = load_tool("inspect_checkpoint")
@@ -72,6 +73,20 @@ def test_the_builder_it_prints_builds_a_model_the_checkpoint_loads_into(tmp_path
     assert info["builder"] == ("create_model('mae_vit_tiny_patch16', depth=2, patch_size=8, img_size=32, "
                                "decoder_num_heads=8)")
     load_into(eval(info["builder"], {"create_model": create_model}), mae.state_dict(), dropped=())  # noqa: S307
+
+
+def test_a_linear_probe_is_recognised_with_its_class_count_and_builder(tmp_path, capsys):
+    probe = build_classifier("vit_tiny_patch16", 7, mode="linprobe", global_pool=False, img_size=32, patch_size=8,
+                             depth=2)
+    save_checkpoint(tmp_path / "classifier.safetensors", probe.state_dict(), {"mode": "linprobe"})
+    info = inspect(capsys, tmp_path / "classifier.safetensors", "--json")
+    assert info["kind"] == "linprobe" and info["present"]["head"] and info["architecture"]["num_classes"] == 7
+    assert info["builder"] == ("build_classifier('vit_tiny_patch16', 7, mode='linprobe', global_pool=False, "
+                               "depth=2, patch_size=8, img_size=32)")
+    built = eval(info["builder"], {"build_classifier": build_classifier})  # noqa: S307 (our own output)
+    load_into(built, probe.state_dict(), dropped=())
+    text = inspect(capsys, tmp_path / "classifier.safetensors")
+    assert "  kind          linprobe: encoder + linear-probe head" in text and "  head          7 classes" in text
 
 
 def test_hf_directory_and_unreadable_input(tmp_path, capsys):

@@ -53,7 +53,7 @@ def report(conversion: Conversion) -> str:
     source, to = conversion.source, conversion.target.format
     params = sum(v.numel() for v in conversion.state_dict.values())
     lines = [f"read {source.path}: {source.format} format, {source.kind} checkpoint ({describe_arch(source)})"]
-    lines += [f"resized {change}" for change in conversion.changes]
+    lines += [f"changed {change}" for change in conversion.changes]
     if conversion.assumed:
         lines.append("assumed (not recorded in the source; edit the written config if the model differs): "
                      + ", ".join(f"{k}={v}" for k, v in conversion.assumed.items()))

@@ -18,12 +18,14 @@ from mae_transfer.models import ARCHS, DECODERS, MODELS, arch_from_width
 from mae_transfer.models.mae import DECODER_KEYS
 
 KINDS = {"full": "encoder + MAE decoder (pretraining)", "encoder": "encoder only",
-         "finetuned": "encoder + classification head"}
+         "finetuned": "encoder + classification head",
+         "linprobe": "encoder + linear-probe head (BatchNorm1d without affine, then Linear)"}
 
 
 def builder(ckpt: Checkpoint, arch: Dict[str, Any]) -> Optional[str]:
-    """The create_model(...) call that builds this architecture: the builder of its width, with every argument
-    that differs from that builder's defaults. None for a width we have no builder for, or unknown head counts."""
+    """The create_model(...) call that builds this architecture (build_classifier(...) for a linear probe): the
+    builder of its width, with every argument that differs from that builder's defaults. None for a width we have
+    no builder for, or unknown head counts."""
     size = arch_from_width(arch["embed_dim"])
     prefix = "mae_" if ckpt.has_decoder else ""
     name = next((n for n in MODELS if n.startswith(f"{prefix}vit_{size}_patch")), None)
@@ -36,9 +38,12 @@ def builder(ckpt: Checkpoint, arch: Dict[str, Any]) -> Optional[str]:
         wanted.update(decoder_embed_dim=arch["decoder_embed_dim"], decoder_depth=arch["decoder_depth"],
                       decoder_num_heads=ckpt.decoder_num_heads)
     kwargs = {k: v for k, v in wanted.items() if v != defaults[k]}
+    global_pool = "fc_norm.weight" in ckpt.state_dict
+    if ckpt.kind == "linprobe":  # create_model builds no BatchNorm before the head; build_classifier does
+        call = f"build_classifier({name!r}, {arch['num_classes']}, mode='linprobe', global_pool={global_pool}"
+        return call + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")"
     if ckpt.has_head:
-        kwargs.update(global_pool="avg" if "fc_norm.weight" in ckpt.state_dict else "token",
-                      num_classes=arch["num_classes"])
+        kwargs.update(global_pool="avg" if global_pool else "token", num_classes=arch["num_classes"])
     return f"create_model({name!r}{''.join(f', {k}={v!r}' for k, v in kwargs.items())})"
 
 

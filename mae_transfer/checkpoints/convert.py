@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from .formats import FORMATS, HEAD_KEYS, Checkpoint
+from .formats import FORMATS, HEAD_KEYS, LINPROBE_HEAD, Checkpoint
 from .formats import hf
 from .io import CheckpointError, atomic_directory, atomic_path
 from .load import summarize_keys
@@ -34,7 +34,7 @@ from ..models.mae import DECODER_KEYS
 from ..models.pos_embed import (fit_pos_embed, interpolate_patch_embed, pos_embed_grid, resample_patch_embed,
                                 sincos_pos_embed_2d)
 
-__all__ = ["Target", "TARGETS", "Conversion", "convert", "resize", "check_destination", "write"]
+__all__ = ["Target", "TARGETS", "Conversion", "convert", "resize", "fold_linprobe_head", "check_destination", "write"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -62,6 +62,7 @@ class Target:
     # says which of its fields the checkpoint did not record (so were given standard values).
     config: Optional[Callable[[Checkpoint], Tuple[Dict[str, Any], Dict[str, Any]]]] = None
     patch_resample: str = "flexivit"  # how --patch-size changes the patch embedding: a key of PATCH_RESAMPLING
+    linear_head: bool = False  # the host's head is one Linear: a linear probe's BatchNorm is folded into it
 
     @property
     def is_directory(self) -> bool:
@@ -77,7 +78,7 @@ def _because(parts, where: str) -> Tuple[Tuple[str, str], ...]:
 TARGETS: Dict[str, Target] = {
     "mae": Target("mae", (".pth",), wrap="model", needs=(_CLS,)),
     "timm": Target("timm", (".safetensors", ".pth"), needs=(_CLS,),
-                   drops=_because(_DECODER, "timm's VisionTransformer is the encoder alone")),
+                   drops=_because(_DECODER, "timm's VisionTransformer is the encoder alone"), linear_head=True),
     "hf": Target("hf", ("",),
                  drops=_because(_HEAD, "transformers' ViTMAE has no classifier"),
                  needs=(_CLS, ("mask_token", "ViTMAEForPreTraining needs the MAE decoder (mask_token, decoder_*); "
@@ -106,7 +107,7 @@ class Conversion:
     checkpoint: Checkpoint     # the converted weights in canonical names; .arch() describes the written model
     state_dict: StateDict      # the same tensors under the target's names
     dropped: Dict[str, str]    # canonical key -> why it is not written
-    changes: List[str] = field(default_factory=list)  # tensors resized or resampled
+    changes: List[str] = field(default_factory=list)  # tensors resized, resampled or folded
     config: Optional[Dict[str, Any]] = None            # a directory target's config file
     assumed: Dict[str, Any] = field(default_factory=dict)  # config fields the source did not record: defaults
 
@@ -155,6 +156,35 @@ def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[i
     return out, changes
 
 
+# The linear probe's BatchNorm1d eps (ours, mae_transfer/cls/model.py, and the reference's main_linprobe); the
+# file does not record it.
+LINPROBE_BN_EPS = 1e-6
+
+
+def fold_linprobe_head(sd: StateDict, path) -> Tuple[StateDict, str]:
+    """A linear probe's head, BatchNorm1d(affine=False) (head.0) then Linear (head.1), as one Linear (head).
+
+    Folding rather than refusing: a BatchNorm without affine parameters computes (x - running_mean) /
+    sqrt(running_var + eps) at inference, an affine map, so W (x - m) / s + b = (W / s) x + (b - W m / s) gives the
+    same logits in eval mode, which is all a converted classifier is used for; timm's head has no place for the
+    BatchNorm, so refusing would leave a linear probe no way into timm. (Only training mode, with batch statistics,
+    would differ.)"""
+    found = {k for k in sd if k.startswith(("head.0.", "head.1."))} - {"head.0.num_batches_tracked"}
+    expected = {"head.0.running_mean", "head.0.running_var", "head.1.weight", "head.1.bias"}
+    if found != expected:  # e.g. an affine BatchNorm: not the linear probe's head
+        raise CheckpointError(f"{path}: a head timm's one Linear can hold is a linear probe's BatchNorm1d("
+                              f"affine=False) + Linear ({', '.join(sorted(expected))}); this one has "
+                              f"{', '.join(sorted(found))}")
+    weight, bias = sd["head.1.weight"], sd["head.1.bias"]
+    scale = (sd["head.0.running_var"].double() + LINPROBE_BN_EPS).rsqrt()
+    folded = weight.double() * scale
+    out = {k: v for k, v in sd.items() if not k.startswith(("head.0.", "head.1."))}
+    out["head.weight"] = folded.to(weight.dtype)
+    out["head.bias"] = (bias.double() - folded @ sd["head.0.running_mean"].double()).to(bias.dtype)
+    return out, (f"head.0.* (BatchNorm1d without affine, eps {LINPROBE_BN_EPS:g}) folded into head.1.* -> "
+                 "head.weight, head.bias: timm's head is one Linear; the same logits in eval mode")
+
+
 def convert(source: Checkpoint, to: str, *, img_size: Optional[int] = None, patch_size: Optional[int] = None,
             encoder_only: bool = False) -> Conversion:
     """`source` in the layout of TARGETS[to]. Raises CheckpointError, before anything is written, when the target
@@ -185,6 +215,9 @@ def convert(source: Checkpoint, to: str, *, img_size: Optional[int] = None, patc
     changes: List[str] = []
     if img_size is not None or patch_size is not None:
         sd, changes = resize(sd, img_size, patch_size, target.patch_resample)
+    if target.linear_head and LINPROBE_HEAD in sd:
+        sd, folded = fold_linprobe_head(sd, source.path)
+        changes.append(folded)
 
     mapped = fmt.from_canonical(sd)
     back = fmt.to_canonical(mapped)

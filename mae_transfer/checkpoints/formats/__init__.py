@@ -16,10 +16,11 @@ from ...models.pos_embed import fit_pos_embed, pos_embed_grid
 from ...models.vit import ARCHS, arch_from_width
 
 __all__ = ["Format", "FORMATS", "register", "Checkpoint", "parse_checkpoint", "read_checkpoint", "detect_format",
-           "HEAD_KEYS"]
+           "HEAD_KEYS", "LINPROBE_HEAD"]
 
 StateDict = Dict[str, torch.Tensor]
 HEAD_KEYS = ("head.", "fc_norm.")
+LINPROBE_HEAD = "head.1.weight"  # the Linear after a linear probe's BatchNorm1d(affine=False) (head.0)
 
 
 def _identity(sd: StateDict) -> StateDict:
@@ -63,13 +64,24 @@ class Checkpoint:
         return any(k.startswith(DECODER_KEYS) for k in self.state_dict)
 
     @property
+    def head_key(self) -> Optional[str]:
+        """The classifier's Linear weight: head.weight, or head.1.weight behind a linear probe's BatchNorm (head.0,
+        as ours and the reference's main_linprobe write it); None without a head."""
+        return next((k for k in ("head.weight", LINPROBE_HEAD) if k in self.state_dict), None)
+
+    @property
     def has_head(self) -> bool:
-        return "head.weight" in self.state_dict
+        return self.head_key is not None
 
     @property
     def kind(self) -> str:
-        """'full' (encoder + decoder), 'finetuned' (encoder + classifier head) or 'encoder'."""
-        return "full" if self.has_decoder else "finetuned" if self.has_head else "encoder"
+        """'full' (encoder + decoder), 'finetuned' (encoder + classifier head), 'linprobe' (encoder + BatchNorm and
+        classifier head) or 'encoder'."""
+        if self.has_decoder:
+            return "full"
+        if self.head_key is None:
+            return "encoder"
+        return "linprobe" if self.head_key == LINPROBE_HEAD else "finetuned"
 
     @property
     def decoder_num_heads(self) -> Optional[int]:
@@ -122,7 +134,7 @@ class Checkpoint:
             arch.update(decoder_embed_dim=self.tensor("decoder_embed.weight").shape[0],
                         decoder_depth=self._depth("decoder_blocks"))
         if self.has_head:
-            arch["num_classes"] = sd["head.weight"].shape[0]
+            arch["num_classes"] = sd[self.head_key].shape[0]
         return arch
 
 
