@@ -199,6 +199,22 @@ def test_linear_probe_leaves_the_encoder_as_loaded(blobs, encoder, tmp_path):
                                                       torch.zeros(192))
 
 
+def test_eval_builds_the_classifier_its_checkpoint_records_unless_flags_say_otherwise(blobs, encoder, tmp_path):
+    final = run(blobs, tmp_path / "probe", "--mode", "linprobe", "--finetune", str(encoder), "--epochs", "2",
+                "--warmup_epochs", "1", "--max_steps", "2")
+    path = tmp_path / "probe" / "classifier.safetensors"
+    # no --model, --mode, --input_size or pooling flag: a linear probe of ViT-Tiny at 32 px on the cls token
+    given = ["--eval", "--resume", str(path), "--data_path", str(blobs), "--output_dir", str(tmp_path / "eval"),
+             "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
+    args = train_cls.parse_args(given)
+    assert (args.model, args.mode, args.global_pool, args.input_size, args.partial_blocks) == (
+        "vit_tiny_patch16", "linprobe", False, 32, 0)
+    with one_thread():
+        assert train_cls.main(args) == final
+    args = train_cls.parse_args(given + ["--input_size", "48", "--global_pool", "--model", "vit_small_patch16"])
+    assert (args.model, args.mode, args.global_pool, args.input_size) == ("vit_small_patch16", "linprobe", True, 48)
+
+
 def test_resumed_run_equals_the_uninterrupted_one(blobs, tmp_path):
     flags = ("--warmup_epochs", "1", "--blr", "1e-3", "--save_every", "1", "--mixup", "0.8", "--cutmix", "1.0")
     whole = run(blobs, tmp_path / "whole", "--epochs", "3", *flags)

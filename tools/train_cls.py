@@ -7,13 +7,13 @@ wrappers' own flags aside: run torchrun instead), plus --mode, --partial_blocks,
         --dataset inat2018 --data_path /datasets/inat2018 --output_dir runs/inat18_base
     torchrun --nproc_per_node 8 tools/train_cls.py --preset linprobe-large --finetune mae_pretrain_vit_large.pth \
         --data_path /datasets/imagenet --dist_eval
-    python tools/train_cls.py --eval --resume runs/inat18_base --model vit_base_patch16 --dataset inat2018 \
-        --data_path /datasets/inat2018
+    python tools/train_cls.py --eval --resume runs/inat18_base --dataset inat2018 --data_path /datasets/inat2018
 
 Writes into --output_dir: checkpoint-N.pth (resumable training state), log.jsonl (a record of what ran, logging
 steps, and per epoch the training loss and validation top-1 / top-5 / loss), metrics.json (the final and best
-validation metrics) and classifier.safetensors (the trained model); --eval writes eval.json. TensorBoard scalars go
-to --log_dir.
+validation metrics) and classifier.safetensors (the trained model); --eval writes eval.json, building the model the
+checkpoint records (--model, --mode, --partial_blocks, --input_size, pooling) unless flags say otherwise.
+TensorBoard scalars go to --log_dir.
 """
 import argparse
 import json
@@ -28,7 +28,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
-from mae_transfer.checkpoints import atomic_path, load_into, read_checkpoint, save_checkpoint
+from mae_transfer.checkpoints import CheckpointError, atomic_path, load_into, read_checkpoint, save_checkpoint
 from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESETS, build_classifier, build_optimizer,
                               evaluate, load_pretrained, resolve_mode)
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
@@ -39,6 +39,8 @@ from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, add_ba
 
 # What a resumed run must share with its checkpoint's run: the model and its task (engine.resume).
 RECIPE = ("model", "input_size", "nb_classes", "mode", "partial_blocks", "global_pool", "dataset")
+# What builds the classifier a checkpoint holds; --eval takes them from the checkpoint unless given.
+CLASSIFIER = ("model", "mode", "global_pool", "input_size", "partial_blocks")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -104,20 +106,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_run_flags(parser, outputs="checkpoints, metrics, log.jsonl",
                   resume="training state to resume (a checkpoint-N.pth or a directory: its latest); with --eval "
                          "any checkpoint of the whole classifier")
-    parser.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint only")
+    parser.add_argument("--eval", action="store_true",
+                        help="evaluate the --resume checkpoint only, built as it records (--model, --mode, "
+                             "--partial_blocks, --input_size, pooling) unless those flags are given")
     parser.add_argument("--dist_eval", action="store_true",
                         help="split evaluation over all processes (exact: no sample is repeated)")
     return parser
 
 
+def recorded_classifier(resume: str) -> Dict[str, Any]:
+    """The settings that build the classifier `resume` names (a file, or a directory's latest checkpoint-N.pth), as
+    it records them: our classifier.safetensors in its metadata, a training checkpoint in its flags."""
+    path = latest_checkpoint(Path(resume))
+    if path is None:
+        return {}
+    checkpoint = read_checkpoint(path)
+    args = checkpoint.extras.get("args")  # ours: a dict; the reference's: an argparse.Namespace
+    flags = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    recorded = {**flags, **checkpoint.meta}
+    return {k: recorded[k] for k in CLASSIFIER if recorded.get(k) is not None}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse flags. Defaults come from the protocol (--mode), then a --preset over them; explicit flags win."""
+    """Parse flags. Defaults come from the protocol (--mode), then a --preset over them; explicit flags win. With
+    --eval, the settings that build the classifier default to what its checkpoint recorded."""
     parser = get_args_parser()
     known = parser.parse_known_args(argv)[0]
+    recorded: Dict[str, Any] = {}
+    if known.eval and known.resume:
+        try:
+            recorded = recorded_classifier(known.resume)
+        except (CheckpointError, OSError) as err:
+            parser.error(f"--resume {known.resume}: {err}")
+        parser.set_defaults(**recorded)
+        known = parser.parse_known_args(argv)[0]
     preset = PRESETS[known.preset] if known.preset else {}
     mode = known.mode or preset.get("mode", "finetune")
     parser.set_defaults(**MODE_DEFAULTS[resolve_mode(mode, known.partial_blocks)])
-    parser.set_defaults(**{**preset_defaults(preset, known), "mode": mode})
+    parser.set_defaults(**{**preset_defaults(preset, known), **recorded, "mode": mode})
     args = parser.parse_args(argv)
     if args.aa is not None and args.aa.lower() == "none":
         args.aa = None
