@@ -95,16 +95,21 @@ def test_a_failed_write_leaves_nothing_behind(sources, capsys, monkeypatch, to, 
     fails(capsys, sources, sources / "full.pth", sources / dst, "--to", to, match="No space left on device")
 
 
-@pytest.mark.parametrize("missing, key", [
-    ("blocks.*", "blocks.* tensors"),
-    ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.weight"),
-    ("decoder_embed.weight", "decoder_embed.weight"),  # mask_token is there: the decoder is expected
-    ("decoder_blocks.*", "decoder_blocks.* tensors"),
-    ("decoder_blocks.0.mlp.fc1.weight", "decoder_blocks.0.mlp.fc1.weight"),  # needed for the HF config only
+@pytest.mark.parametrize("missing, what", [
+    ("blocks.*", "no blocks.* tensors"),
+    ("decoder_embed.weight", "no decoder_embed.weight"),  # mask_token is there: the decoder is expected
+    ("decoder_blocks.*", "no decoder_blocks.* tensors"),
+    ("blocks.0.mlp.fc1.weight",
+     "blocks.0..2 must all hold the same tensors; block(s) 0 lack blocks.0.mlp.fc1.weight"),
+    # the last block is there, so the depth reads 3; transformers would initialise the missing one at random
+    ("blocks.1.*", "blocks.0..2 must all hold the same tensors; block(s) 1 lack blocks.1.*"),
+    ("decoder_blocks.0.*", "decoder_blocks.0..1 must all hold the same tensors; block(s) 0 lack decoder_blocks.0.*"),
+    ("decoder_blocks.1.attn.qkv.bias",
+     "decoder_blocks.0..1 must all hold the same tensors; block(s) 1 lack decoder_blocks.1.attn.qkv.bias"),
 ])
-def test_an_incomplete_checkpoint_names_the_file_and_the_missing_tensor(tmp_path, capsys, missing, key):
+def test_an_incomplete_checkpoint_names_the_file_and_the_missing_tensor(tmp_path, capsys, missing, what):
     # Ours (with metadata) is read without layout detection, so even one without blocks reaches the conversion.
-    sd = {k: v for k, v in tiny_mae().state_dict().items() if not fnmatchcase(k, missing)}
+    sd = {k: v for k, v in tiny_mae(depth=3).state_dict().items() if not fnmatchcase(k, missing)}
     save_checkpoint(tmp_path / "partial.safetensors", sd, {"model": "tiny"})
     fails(capsys, tmp_path, tmp_path / "partial.safetensors", tmp_path / "out", "--to", "hf",
-          match=f"partial.safetensors: incomplete full checkpoint: no {key}")
+          match=f"partial.safetensors: incomplete full checkpoint: {what}")

@@ -89,6 +89,16 @@ def test_a_linear_probe_is_recognised_with_its_class_count_and_builder(tmp_path,
     assert "  kind          linprobe: encoder + linear-probe head" in text and "  head          7 classes" in text
 
 
+def test_a_missing_block_is_reported_not_read_as_a_shallower_or_complete_model(tmp_path, capsys):
+    sd = {k: v for k, v in tiny_mae(depth=4).encoder_state_dict().items() if not k.startswith("blocks.2.")}
+    torch.save({"model": sd}, tmp_path / "enc.pth")
+    info = inspect(capsys, tmp_path / "enc.pth", "--json")
+    assert info["architecture"] is None
+    assert info["error"].endswith("enc.pth: incomplete encoder checkpoint: blocks.0..3 must all hold the same "
+                                  "tensors; block(s) 2 lack blocks.2.*")
+    assert "  architecture  " + info["error"] in inspect(capsys, tmp_path / "enc.pth")
+
+
 def test_hf_directory_and_unreadable_input(tmp_path, capsys):
     convert_tool = load_tool("convert_checkpoint")
     torch.save({"model": tiny_mae().state_dict()}, tmp_path / "full.pth")
@@ -104,14 +114,17 @@ def test_hf_directory_and_unreadable_input(tmp_path, capsys):
 
 def test_a_detector_reports_the_parameters_outside_its_vit(tmp_path, capsys):
     # a ViTDet Mask R-CNN as detectron2's model zoo ships it: the ViT is read, the rest is counted, not hidden
+    # (a residual conv block in one block, as residual_block_indexes adds, is the detector's too)
     cfg = LazyConfig.load(str(ROOT / "det_configs" / "mask_rcnn_vit_tiny_synthetic.py"))
-    cfg.model.backbone.net.update(depth=2, window_block_indexes=[0])
+    cfg.model.backbone.net.update(depth=2, window_block_indexes=[0], residual_block_indexes=[1])
     detector = instantiate(cfg.model).state_dict()
     path = tmp_path / "model_final.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": {k: v.numpy() for k, v in detector.items()}, "__author__": "Detectron2 Model Zoo"}, f)
     info = inspect(capsys, path, "--json")
-    vit = {k: v for k, v in detector.items() if k.startswith("backbone.net.") and ".rel_pos_" not in k}
+    vit = {k: v for k, v in detector.items()
+           if k.startswith("backbone.net.") and ".rel_pos_" not in k and ".residual." not in k}
+    assert info["architecture"]["depth"] == 2
     assert info["format"] == "detectron2" and info["parameters"]["total"] == numel(vit)
     assert info["set_aside_parameters"] == numel(detector) - numel(vit) > 0
     assert "more parameters (a detector's pyramid and heads" in inspect(capsys, path)

@@ -4,6 +4,7 @@ in the toolkit renames keys.
 """
 import argparse
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -108,12 +109,27 @@ class Checkpoint:
         except ValueError as err:
             raise CheckpointError(f"{self.path}: {err}") from None
 
-    def _depth(self, stack: str) -> int:
-        """Number of blocks in 'blocks' or 'decoder_blocks'."""
-        indices = [int(k.split(".")[1]) for k in self.state_dict if k.startswith(stack + ".")]
-        if not indices:
+    def _depth(self, stack: str, limit: int = 8) -> int:
+        """Number of blocks in 'blocks' or 'decoder_blocks'. A CheckpointError unless blocks 0..depth-1 all hold the
+        same tensors: a host would initialise what one lacks at random."""
+        names: Dict[int, set] = defaultdict(set)
+        for key in self.state_dict:
+            if key.startswith(stack + "."):
+                index, _, name = key[len(stack) + 1:].partition(".")
+                names[int(index)].add(name)
+        if not names:
             raise CheckpointError(f"{self.path}: incomplete {self.kind} checkpoint: no {stack}.* tensors")
-        return 1 + max(indices)
+        depth, every = 1 + max(names), set().union(*names.values())
+        lacking = []
+        for i in range(depth):
+            missing = every - names[i]
+            lacking += [f"{stack}.{i}.*"] if missing == every else [f"{stack}.{i}.{n}" for n in sorted(missing)]
+        if lacking:
+            incomplete = sorted({int(key.split(".")[1]) for key in lacking})
+            shown = ", ".join(lacking[:limit]) + (f", ... ({len(lacking)} in all)" if len(lacking) > limit else "")
+            raise CheckpointError(f"{self.path}: incomplete {self.kind} checkpoint: {stack}.0..{depth - 1} must all "
+                                  f"hold the same tensors; block(s) {', '.join(map(str, incomplete))} lack {shown}")
+        return depth
 
     def encoder_state_dict(self) -> StateDict:
         return {k: v for k, v in self.state_dict.items() if not k.startswith(DECODER_KEYS + HEAD_KEYS)}

@@ -6,7 +6,8 @@ attn.proj, norm2, mlp.fc1, mlp.fc2}) with two differences:
 - it has no cls token: with pretrain_use_cls_token=True its pos_embed keeps the cls row, (1, 1 + h*w, D) exactly as
   the checkpoint has it, and drops that row at forward; cls_token itself has no place;
 - it has no final norm: the pyramid reads the last block's output, so norm.* has no place either.
-Its relative position tables (blocks.N.attn.rel_pos_{h,w}) are ViTDet's own, absent from any encoder checkpoint.
+Its relative position tables (blocks.N.attn.rel_pos_{h,w}) and the conv blocks of its residual_block_indexes
+(blocks.N.residual.*) are ViTDet's own, absent from any encoder checkpoint.
 """
 from typing import Dict, Mapping, Optional
 
@@ -17,7 +18,7 @@ from . import Format, register
 PREFIX = "backbone.net."
 # Encoder tensors that exist in detectron2's ViT under PREFIX with the same name.
 _VIT_KEYS = ("patch_embed.", "pos_embed", "blocks.")
-_DETECTOR_ONLY = (".attn.rel_pos_h", ".attn.rel_pos_w")
+_DETECTOR_ONLY = (".attn.rel_pos_h", ".attn.rel_pos_w", ".residual.")
 
 
 def detectron2_name(key: str) -> Optional[str]:
@@ -31,10 +32,11 @@ def from_canonical(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def to_canonical(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The plain-ViT part of a detectron2 checkpoint (a trained ViTDet, say); pyramid, heads and relative
-    positions are detector parts with no canonical name."""
+    """The plain-ViT part of a detectron2 checkpoint (a trained ViTDet, say); pyramid, heads, relative positions
+    and residual conv blocks are detector parts with no canonical name."""
     return {k[len(PREFIX):]: v for k, v in sd.items()
-            if k.startswith(PREFIX) and k[len(PREFIX):].startswith(_VIT_KEYS) and not k.endswith(_DETECTOR_ONLY)}
+            if k.startswith(PREFIX) and k[len(PREFIX):].startswith(_VIT_KEYS)
+            and not any(part in k for part in _DETECTOR_ONLY)}
 
 
 def _matches(keys: Mapping[str, object]) -> bool:
