@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import secrets
 import shutil
 import stat
@@ -169,9 +170,12 @@ def read_file(path) -> Tuple[Any, Dict[str, Any]]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message is mostly advice to pass weights_only=False; keep the unpickler's own reason.
+        # torch's message is mostly advice to pass weights_only=False; keep the unpickler's own reason: the global
+        # it refused (worded differently across torch versions, but always "GLOBAL <name>"), else its error line
         # (and not its advice to allow the global, which would contradict this refusal)
-        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(" Please use")[0]
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        reason = (f"GLOBAL {refused.group(1)}" if refused else
+                  str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(" Please use")[0])
         reason = reason.rstrip(". ") or type(e).__name__
         raise CheckpointError(
             f"{path}: refused to load: not a plain tensor checkpoint (the weights-only unpickler stopped at: "
