@@ -1,12 +1,18 @@
-"""LARS against the reference's update written out by hand and against timm's Lars; top-1/top-5 on hand-made logits."""
+"""LARS against the reference's update written out by hand and against timm's Lars; top-1/top-5 on hand-made logits;
+unreadable images counted."""
+import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.optim import Lars as TimmLars
 from torch import nn
+from torch.utils.data import DataLoader
 
 from mae_transfer.cls import LARS, evaluate
+from mae_transfer.data.classification import build_dataset, classification_transform
 from mae_transfer.engine import Precision
 
 
@@ -58,18 +64,37 @@ def test_top1_top5_and_loss_on_hand_made_logits():
         [9, 1, 2, 3, 4, 5, 6], [1, 9, 8, 7, 2, 3, 4], [7, 6, 5, 4, 3, 2, 1],
         [0, 0, 5, 0, 0, 0, 1], [1, 2, 3, 4, 5, 6, 7], [6, 5, 4, 3, 2, 1, 0]], dtype=torch.float32)
     target = torch.tensor([0, 3, 5, 2, 2, 6])
-    batches = [(logits[:4], target[:4]), (logits[4:], target[4:])]  # unequal batches: totals must still be exact
+    # unequal batches: totals must still be exact; every image read (no unreadable ones)
+    batches = [(logits[:4], target[:4], torch.zeros(4)), (logits[4:], target[4:], torch.zeros(2))]
     metrics = evaluate(nn.Identity(), batches, Precision("none", torch.device("cpu")), show_progress=False)
     assert metrics["top1"] == pytest.approx(100 * 2 / 6)   # samples 0 and 3
     assert metrics["top5"] == pytest.approx(100 * 4 / 6)   # ranks 1, 3, 1, 5
     loss = sum(torch.logsumexp(row, 0) - row[t] for row, t in zip(logits, target)) / 6
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    assert metrics["images"] == 6
+    assert (metrics["images"], metrics["unreadable_images"]) == (6, 0)
 
 
 def test_hit_counts_are_exact_where_the_percentage_is_not_round():
     # 1 of 3 is 33.333..%, which float32 keeps a hair under 1/3: turned back into a count it must still be 1
     logits = torch.eye(3)[[0, 0, 0]] * 5  # every sample predicts class 0
-    batches = [(logits, torch.tensor([0, 1, 2])), (logits[:2], torch.tensor([0, 0]))]  # 1 of 3, then 2 of 2
+    batches = [(logits, torch.tensor([0, 1, 2]), torch.zeros(3)),  # 1 of 3, then 2 of 2
+               (logits[:2], torch.tensor([0, 0]), torch.zeros(2))]
     metrics = evaluate(nn.Identity(), batches, Precision("none", torch.device("cpu")), show_progress=False)
     assert (metrics["top1"], metrics["top5"], metrics["images"]) == (pytest.approx(60.0), pytest.approx(100.0), 5)
+
+
+def test_unreadable_images_are_counted_and_summed_over_processes(tmp_path, monkeypatch):
+    for i in range(3):
+        (tmp_path / "val" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 20, 3), 60 * i, np.uint8)).save(tmp_path / "val" / "a" / f"{i}.png")
+    (tmp_path / "val" / "a" / "1.png").write_bytes(b"not an image")  # replaced by 2.png, which then counts twice
+    loader = DataLoader(build_dataset("imagefolder", tmp_path, "val", classification_transform(False, 16)),
+                        batch_size=2)
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # 3 logits: the channel means
+    cpu = Precision("none", torch.device("cpu"))
+    metrics = evaluate(net, loader, cpu, show_progress=False)
+    assert (metrics["images"], metrics["unreadable_images"]) == (3, 1)
+    # --dist_eval: as if a second process had evaluated the same shard, every total doubles
+    monkeypatch.setattr(importlib.import_module("mae_transfer.cls.evaluate"), "all_reduce", lambda t: t.mul_(2))
+    metrics = evaluate(net, loader, cpu, sharded=True, show_progress=False)
+    assert (metrics["images"], metrics["unreadable_images"]) == (6, 2)

@@ -1,6 +1,7 @@
 """tools/train_cls.py end to end on generated images: flags, learning, evaluation, freezing, resume."""
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from PIL import Image
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-from mae_transfer.checkpoints import read_checkpoint
+from mae_transfer.checkpoints import read_checkpoint, save_checkpoint
+from mae_transfer.cls import build_classifier
 from mae_transfer.models import mae_vit_tiny_patch16
 from pretrain_helpers import one_thread, run_tool
 
@@ -213,6 +215,18 @@ def test_eval_builds_the_classifier_its_checkpoint_records_unless_flags_say_othe
         assert train_cls.main(args) == final
     args = train_cls.parse_args(given + ["--input_size", "48", "--global_pool", "--model", "vit_small_patch16"])
     assert (args.model, args.mode, args.global_pool, args.input_size) == ("vit_small_patch16", "linprobe", True, 48)
+
+
+def test_eval_counts_and_reports_an_unreadable_val_image(blobs, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(blobs / "val", data / "val")
+    (data / "val" / "red" / "3.png").write_bytes(b"\x89PNG truncated")  # 4.png stands in for it
+    classifier = build_classifier("vit_tiny_patch16", 3, img_size=32)
+    save_checkpoint(tmp_path / "classifier.safetensors", classifier.state_dict())
+    metrics = run(data, tmp_path / "eval", "--eval", "--resume", str(tmp_path / "classifier.safetensors"))
+    assert (metrics["images"], metrics["unreadable_images"]) == (24, 1)
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["unreadable_images"] == 1
+    assert "(1 unreadable val image(s), each counted as the next readable one)" in capsys.readouterr().out
 
 
 def test_resumed_run_equals_the_uninterrupted_one(blobs, tmp_path):

@@ -203,6 +203,11 @@ def best_before(log_path: Path, start_epoch: int) -> Dict[str, Any]:
     return best
 
 
+def unreadable_note(metrics: Dict[str, Any]) -> str:
+    count = metrics["unreadable_images"]
+    return f" ({count} unreadable val image(s), each counted as the next readable one)" if count else ""
+
+
 def write_json(path: Path, record: Dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -276,7 +281,7 @@ def evaluate_checkpoint(args: argparse.Namespace, net: torch.nn.Module, val_load
         output = Path(args.output_dir) / "eval.json"
         write_json(output, {**metrics, "checkpoint": str(path), "dataset": args.dataset, "data_path": args.data_path})
         dist.print(f"{path} on {metrics['images']} {args.dataset} val images: top-1 {metrics['top1']:.2f}%, "
-                   f"top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f} -> {output}")
+                   f"top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f}{unreadable_note(metrics)} -> {output}")
     return metrics
 
 
@@ -343,8 +348,8 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
                                                   **{f"val_{k}": v for k, v in metrics.items()}})
             log.flush()
             dist.print(f"epoch {epoch}: train loss {result.loss:.4f}, val top-1 {metrics['top1']:.2f}% "
-                       f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f} (best top-1 {best['top1']:.2f}%), "
-                       f"{result.images_per_s:.1f} images/s"
+                       f"top-5 {metrics['top5']:.2f}% loss {metrics['loss']:.4f}{unreadable_note(metrics)} "
+                       f"(best top-1 {best['top1']:.2f}%), {result.images_per_s:.1f} images/s"
                        + "".join(f", {v} {k.replace('_', ' ')}" for k, v in result.counts.items() if v))
         last_checkpoint = save_epoch(args, epoch, result, iters_per_epoch=plan.iters_per_epoch,
                                      model=model_without_ddp, optimizer=optimizer, precision=precision,
