@@ -94,6 +94,9 @@ def test_the_reference_fine_tuning_command_pastes():
                                  "--data_path", "/imagenet"])
     assert (args.accum_iter, args.batch_size, args.blr, args.layer_decay, args.drop_path, args.mixup, args.cutmix,
             args.reprob, args.dist_eval, args.global_pool) == (4, 32, 5e-4, 0.65, 0.1, 0.8, 1.0, 0.25, True, True)
+    # main_finetune.py's --resplit is accepted and, as there, changes nothing else
+    with_resplit, without = vars(train_cls.parse_args(["--resplit"])), vars(train_cls.parse_args([]))
+    assert with_resplit.pop("resplit") and not without.pop("resplit") and with_resplit == without
 
 
 LOGITS = [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]

@@ -87,6 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reprob", type=float, default=None, help=f"random erasing probability {by_mode}")
     parser.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
     parser.add_argument("--recount", type=int, default=1, help="random erasing count")
+    parser.add_argument("--resplit", action="store_true",
+                        help="a no-op, accepted so the reference's commands paste: it concerns timm's augmentation "
+                             "splits, which the reference's main_finetune.py does not use either")
     parser.add_argument("--mixup", type=float, default=None, help=f"mixup alpha, on if > 0 {by_mode}")
     parser.add_argument("--cutmix", type=float, default=None, help=f"cutmix alpha, on if > 0 {by_mode}")
     parser.add_argument("--cutmix_minmax", type=float, nargs=2, default=None,
