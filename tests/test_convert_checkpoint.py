@@ -1,5 +1,8 @@
 """tools/convert_checkpoint.py: exact round trips through every output format, timm as a peer loader, and
 resizing for another image or patch size."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,11 +12,12 @@ from timm.models import load_checkpoint
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from transformers import ViTMAEModel
 
-from convert_helpers import load_tool, smooth_images, tiny_mae
+from convert_helpers import ROOT, load_tool, smooth_images, tiny_mae
 from mae_transfer.checkpoints import load_into, read_checkpoint, save_checkpoint
 from mae_transfer.checkpoints.convert import TARGETS
 from mae_transfer.cls import build_classifier
 from mae_transfer.models import sincos_pos_embed_2d, vit_tiny_patch16
+from pretrain_helpers import subprocess_env
 
 convert_tool = load_tool("convert_checkpoint")
 
@@ -77,6 +81,20 @@ def test_encoder_only_and_half_precision(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in back.state_dict.values())
     convert(tmp_path / "full.pth", tmp_path / "hf", "--to", "hf")
     assert read_checkpoint(tmp_path / "hf").state_dict["blocks.1.attn.qkv.bias"].dtype == torch.bfloat16
+
+
+def test_a_reader_that_stops_reading_does_not_stop_the_conversion(tmp_path):
+    sd = tiny_mae().state_dict()
+    torch.save({"model": sd}, tmp_path / "full.pth")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), str(tmp_path / "full.pth"),
+                             str(tmp_path / "out.pth"), "--to", "mae"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), text=True)
+    proc.stdout.close()  # as `| head` does once it has its lines: here before the first one is printed
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Broken pipe" not in err and "nothing was written" not in err, err
+    back = read_checkpoint(tmp_path / "out.pth").state_dict
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
 
 
 def test_containers_are_what_each_host_reads(tmp_path):

@@ -19,6 +19,7 @@ It prints what it mapped, what it left out and why, and refuses (writing nothing
 incomplete or a tensor would be lost that the target was not expected to drop. The output never overwrites a file.
 """
 import argparse
+import os
 import sys
 from typing import Iterable, List, Optional, Sequence
 
@@ -88,18 +89,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def say(text: str) -> None:
+    """Print `text`; a reader that stopped reading (`| head`) does not stop the conversion."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python's documented recipe: stdout to devnull, so that later prints and the final flush do not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         check_destination(args.to, args.dst)  # before reading a multi-GB source
         conversion = convert(read_checkpoint(args.src), args.to, img_size=args.img_size,
                              patch_size=args.patch_size, encoder_only=args.encoder_only)
-        print(report(conversion))
+        say(report(conversion))
         written = write(conversion, args.dst)
     except (CheckpointError, OSError) as e:  # OSError: a missing source, a full disk
         print(f"error: {e}\nnothing was written", file=sys.stderr)
         return 1
-    print(f"wrote {written}")
+    say(f"wrote {written}")
     return 0
 
 
