@@ -222,6 +222,10 @@ def test_not_a_checkpoint_and_missing_file(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "meta.safetensors"), metadata={"mae_transfer": "{not json"})
     with pytest.raises(CheckpointError, match=r"meta\.safetensors: its 'mae_transfer' header metadata is not JSON"):
         read_checkpoint(tmp_path / "meta.safetensors")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "list.safetensors"), metadata={"mae_transfer": "[1, 2]"})
+    with pytest.raises(CheckpointError, match=r"list\.safetensors: its 'mae_transfer' header metadata is not a JSON "
+                                              r"object \(found list\)"):
+        read_checkpoint(tmp_path / "list.safetensors")
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -124,12 +124,19 @@ def test_encoder_only_goes_to_a_vitmae_model_both_ways(tmp_path):
         assert all(torch.equal(v, ours.encoder_state_dict()[k]) for k, v in back.state_dict.items())
 
 
-@pytest.mark.parametrize("damage", ["config", "weights", "model_type"])
+@pytest.mark.parametrize("damage", ["config", "config_not_object", "shard_index_not_object", "weights", "model_type"])
 def test_damaged_hf_directories_are_named_in_the_error(tmp_path, damage):
     ViTMAEModel(hf_tiny_config()).save_pretrained(tmp_path / "hf")
     if damage == "config":
         (tmp_path / "hf" / "config.json").write_text("{not json")
         match = "config.json: not valid JSON"
+    elif damage == "config_not_object":
+        (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+        match = r"config.json: not a JSON object \(found list\)"
+    elif damage == "shard_index_not_object":
+        (tmp_path / "hf" / "model.safetensors").unlink()
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+        match = "model.safetensors.index.json: not a safetensors shard index"
     elif damage == "weights":
         (tmp_path / "hf" / "model.safetensors").unlink()
         match = "config.json but no weights"

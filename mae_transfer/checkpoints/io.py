@@ -152,9 +152,13 @@ def read_file(path) -> Tuple[Any, Dict[str, Any]]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
         try:
-            return tensors, json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+            ours = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
         except ValueError as e:
             raise CheckpointError(f"{path}: its {METADATA_KEY!r} header metadata is not JSON ({e})") from None
+        if not isinstance(ours, dict):
+            raise CheckpointError(f"{path}: its {METADATA_KEY!r} header metadata is not a JSON object (found "
+                                  f"{type(ours).__name__})")
+        return tensors, ours
     if path.suffix == ".pkl" and not zipfile.is_zipfile(path):  # (a torch.save file named .pkl goes to torch.load)
         try:
             obj, read = read_array_pickle(path)

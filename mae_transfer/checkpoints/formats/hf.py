@@ -198,6 +198,8 @@ def read_directory(path: Path) -> Optional[Tuple[StateDict, Dict[str, Any]]]:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object (found {type(config).__name__})")
     if config.get("model_type") != "vit_mae":
         raise CheckpointError(f"{path}: a HuggingFace {config.get('model_type')!r} model; only ViTMAE ('vit_mae') "
                               "directories are supported")
@@ -206,9 +208,9 @@ def read_directory(path: Path) -> Optional[Tuple[StateDict, Dict[str, Any]]]:
     elif (path / _SHARD_INDEX).is_file():
         try:
             weight_map = json.loads((path / _SHARD_INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            files = [path / name for name in sorted(set(weight_map.values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not its objects
             raise CheckpointError(f"{path / _SHARD_INDEX}: not a safetensors shard index ({e})") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
     elif (path / _LEGACY_WEIGHTS).is_file():
         files = [path / _LEGACY_WEIGHTS]
     else:
