@@ -44,6 +44,7 @@ def test_reference_kinds_are_recognised(tmp_path):
     assert read_checkpoint(tmp_path / "timm.pth").format == "timm"
     assert full.arch() == dict(embed_dim=32, depth=2, patch_size=8, in_chans=3, img_size=32, num_heads=None,
                                mlp_ratio=4.0, decoder_embed_dim=16, decoder_depth=1)
+    assert full.decoder_num_heads is None  # its recorded --model (ViT-B) is not the model its tensors are
 
 
 def test_ours_roundtrip_with_metadata(tmp_path):

@@ -123,10 +123,7 @@ def recorded_classifier(resume: str) -> Dict[str, Any]:
     path = latest_checkpoint(Path(resume))
     if path is None:
         return {}
-    checkpoint = read_checkpoint(path)
-    args = checkpoint.extras.get("args")  # ours: a dict; the reference's: an argparse.Namespace
-    flags = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    recorded = {**flags, **checkpoint.meta}
+    recorded = read_checkpoint(path).meta  # a training checkpoint's: its flags
     return {k: recorded[k] for k in CLASSIFIER if recorded.get(k) is not None}
 
 

@@ -202,23 +202,23 @@ def parse_checkpoint(path, obj: Any, meta: Dict[str, Any]) -> Checkpoint:
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     canonical = fmt.to_canonical(tensors)
     set_aside = sum(v.numel() for v in tensors.values()) - sum(v.numel() for v in canonical.values())
-    return Checkpoint(path, fmt.name, canonical, meta or _recorded_settings(extras.get("args")), extras,
+    return Checkpoint(path, fmt.name, canonical, meta or _recorded_settings(extras.get("args"), canonical), extras,
                       set_aside=max(set_aside, 0))
 
 
-def _recorded_settings(args: Any) -> Dict[str, Any]:
-    """What a training checkpoint's flags (ours: a dict; the reference's: an argparse.Namespace) say that its tensors
-    cannot: the targets (norm_pix_loss) and the head counts, given by flag or by the model's name."""
+def _recorded_settings(args: Any, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """A training checkpoint's flags (ours: a dict; the reference's: an argparse.Namespace), which say what its
+    tensors cannot (its targets, its classifier's pooling and mode), as its metadata. A decoder's head count, which
+    shapes no tensor, is the flag's or, by default, that of the model the flags name, where the encoder is that
+    model's width."""
     args = vars(args) if isinstance(args, argparse.Namespace) else args
     if not isinstance(args, Mapping):
         return {}
-    found = {k: args[k] for k in ("model", "input_size", "norm_pix_loss", "decoder_num_heads")
-             if args.get(k) is not None}
-    named = re.fullmatch(r"(mae_)?vit_([a-z]+)_patch\d+", str(args.get("model")))
-    if named and named.group(2) in ARCHS:  # the builder's own sizes, where no flag overrode them
-        found.setdefault("num_heads", ARCHS[named.group(2)]["num_heads"])
-        if named.group(1):
-            found.setdefault("decoder_num_heads", DECODERS[named.group(2)]["decoder_num_heads"])
+    found = {k: v for k, v in args.items() if v is not None}
+    named = re.fullmatch(r"mae_vit_([a-z]+)_patch\d+", str(args.get("model")))
+    width = state_dict.get("patch_embed.proj.weight")
+    if named and width is not None and arch_from_width(width.shape[0]) == named.group(1):
+        found.setdefault("decoder_num_heads", DECODERS[named.group(1)]["decoder_num_heads"])
     return found
 
 
