@@ -110,6 +110,7 @@ def test_eval_only_on_the_checkpoint_reports_box_and_mask_ap(trained, coco_world
         assert 0 <= results[task]["AP"] <= 100
     written = _ap_json(tmp_path / AP_FILE)
     assert written["checkpoint"] == str(trained / "model_final.pth")
+    assert ap_table(results) in (tmp_path / "log.txt").read_text()  # the printed table reaches the run's log too
     for task in ("bbox", "segm"):
         assert written[task]["AP"] == pytest.approx(results[task]["AP"])
     # The checkpoint holds the trained model exactly: the same AP as the evaluation at the end of training.
@@ -153,11 +154,13 @@ def test_eval_only_resumes_the_run_s_last_checkpoint_and_refuses_an_encoder(trai
         assert results[task]["AP"] == pytest.approx(at_end[task]["AP"], abs=1e-6)
 
     encoder = tmp_path / "mae_pretrain_vit_tiny.pth"
-    torch.save({"model": vit_tiny_patch16(img_size=64).state_dict()}, encoder)
+    torch.save({"model": vit_tiny_patch16(img_size=32).state_dict()}, encoder)  # a 2x2 grid, the model's is 4x4
     with pytest.raises(ValueError, match=rf"--eval-only evaluates a trained detector, but {encoder} holds an "
                                          r"encoder only"):
         run_tool("--eval-only", *dataset_overrides(coco_world), "train.device=cpu",
                  f"train.init_checkpoint={encoder}", f"train.output_dir={tmp_path / 'none'}")
+    # The checkpointer's note on what it adapted reaches the run's log
+    assert "pos_embed resized from a 2x2 to a 4x4 grid" in (tmp_path / "none" / "log.txt").read_text()
 
 
 class GroundTruthModel(torch.nn.Module):

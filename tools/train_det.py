@@ -27,6 +27,7 @@ from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parse
                                hooks, launch)
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -116,6 +117,9 @@ def main(args):
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     check_device(cfg, args.num_gpus * args.num_machines)
     default_setup(cfg, args)
+    # default_setup sets up detectron2's and fvcore's loggers only: without this, our modules' messages (the AP table,
+    # the checkpointer's notes on resized embeddings) would reach neither the console nor log.txt.
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mae_transfer")
     if args.eval_only:
         model = create_ddp_model(instantiate(cfg.model).to(cfg.train.device))
         checkpointer = ViTDetCheckpointer(model, cfg.train.output_dir)
