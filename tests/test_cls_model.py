@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae_transfer.checkpoints import CheckpointError, save_checkpoint
+from mae_transfer.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from mae_transfer.checkpoints.convert import convert, write
 from mae_transfer.cls import LARS, build_classifier, build_optimizer, load_pretrained, trainable_names
 from mae_transfer.models import mae_vit_tiny_patch16
 
@@ -152,6 +153,28 @@ def test_loading_reports_exactly_the_new_head_and_fc_norm(tmp_path, kind, fmt):
     assert sorted(report.new) == ["head.0.num_batches_tracked", "head.0.running_mean", "head.0.running_var",
                                   "head.1.bias", "head.1.weight"]
     assert report.dropped == [] and torch.equal(cls_net.norm.weight, sd["norm.weight"])
+
+
+def test_a_detectron2_layout_encoder_starts_the_cls_token_afresh_unless_it_is_pooled(tmp_path):
+    """detectron2's ViT has no cls token (a converted encoder, a ViTDet detector): a global-pool classifier starts
+    its own, attended to but never pooled; one that pools it (--cls_token, linear probing) is refused."""
+    path, sd = _pretrained(tmp_path)
+    vitdet = write(convert(read_checkpoint(path), "detectron2"), tmp_path / "vit_tiny_detectron2.pth")
+    net = classifier("finetune")
+    initial = net.cls_token.detach().clone()
+    report, found = load_pretrained(net, vitdet)
+    assert found == "detectron2"
+    assert sorted(report.new) == ["cls_token", "fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert report.dropped == [] and "cls_token" in str(report).split("new (")[1]
+    assert torch.equal(net.cls_token, initial)
+    for name, value in net.state_dict().items():
+        if name in sd and name != "cls_token":
+            assert torch.equal(value, sd[name]), name
+
+    for mode in ("finetune", "linprobe"):
+        with pytest.raises(CheckpointError, match=rf"{vitdet} \(detectron2\) holds no cls token, which this "
+                                                  r"classifier pools: add --global_pool"):
+            load_pretrained(classifier(mode, global_pool=False), vitdet)
 
 
 def test_anything_else_missing_is_an_error(tmp_path):

@@ -12,6 +12,7 @@ from mmseg.models.necks import Feature2Pyramid  # noqa: E402
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple  # noqa: E402
 
 from mae_transfer.checkpoints import CheckpointError, FORMATS, read_checkpoint, save_checkpoint  # noqa: E402
+from mae_transfer.checkpoints.convert import convert, write  # noqa: E402
 from mae_transfer.models import create_model, resize_pos_embed  # noqa: E402
 from mae_transfer.seg import ViTBackbone, default_out_indices  # noqa: E402
 from mae_transfer.seg.relative_position import RelativePositionBias, resize_relative_position_table  # noqa: E402
@@ -184,6 +185,25 @@ def test_reference_checkpoint_loads_with_an_exact_report(tmp_path):
         assert torch.equal(ours[key], encoder[key]), key
     torch.testing.assert_close(ours["pos_embed"], resize_pos_embed(encoder["pos_embed"], (4, 4), (14, 14)))
     assert "blocks.{0..3}.rel_pos_bias.table" in str(report)
+
+
+def test_a_detectron2_layout_checkpoint_starts_the_cls_token_afresh(tmp_path):
+    """detectron2's ViT has no cls token (a converted encoder, a ViTDet detector): every other encoder tensor loads,
+    the cls token keeps the backbone's initialisation and the report says it is new."""
+    torch.manual_seed(0)
+    encoder = create_model("vit_tiny_patch16", embed_dim=64, depth=4, num_heads=4, img_size=64).state_dict()
+    torch.save({"model": encoder}, tmp_path / "mae_pretrain.pth")
+    vitdet = write(convert(read_checkpoint(tmp_path / "mae_pretrain.pth"), "detectron2"), tmp_path / "vitdet.pth")
+    backbone = ViTBackbone(**SMALL)
+    initial = backbone.vit.cls_token.detach().clone()
+    report = backbone.load_encoder(vitdet)
+    assert set(report.new) == {"cls_token"} | {f"blocks.{i}.{name}" for i in range(4)
+                                               for name in ("rel_pos_bias.table", "ls1.gamma", "ls2.gamma")}
+    assert report.dropped == [] and "cls_token" in str(report).split("new (")[1]
+    ours = backbone.vit.state_dict()
+    assert torch.equal(ours["cls_token"], initial)
+    assert set(report.loaded) == {k for k in encoder if k not in ("cls_token", "norm.weight", "norm.bias")}
+    assert all(torch.equal(ours[k], encoder[k]) for k in report.loaded)
 
 
 def test_checkpoint_of_another_width_fails_clearly(tmp_path):

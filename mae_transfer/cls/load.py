@@ -2,16 +2,17 @@
 checkpoint registry recognises).
 
 Only the encoder is taken: a decoder, and the head and fc_norm of an already fine-tuned model, are left behind.
-The new head and fc_norm are the only tensors allowed to be missing; with average pooling the checkpoint's final
-norm has no place in the model (the reference drops it too) and is reported as dropped; anything else that does not
-fit is an error. A position embedding pretrained at another resolution is resized bicubically first, e.g. 224 -> 448.
+The new head and fc_norm are the only tensors allowed to be missing, and the cls token of a checkpoint in
+detectron2's ViT layout (which has none); with average pooling the checkpoint's final norm has no place in the model
+(the reference drops it too) and is reported as dropped; anything else that does not fit is an error. A position
+embedding pretrained at another resolution is resized bicubically first, e.g. 224 -> 448.
 """
 import logging
 from typing import Tuple
 
 import torch
 
-from ..checkpoints import LoadReport, load_into, read_checkpoint
+from ..checkpoints import CheckpointError, LoadReport, load_into, read_checkpoint
 from ..models import VisionTransformer
 
 __all__ = ["NEW_KEYS", "load_pretrained"]
@@ -31,5 +32,14 @@ def load_pretrained(net: VisionTransformer, path) -> Tuple[LoadReport, str]:
             logger.info("resized pos_embed %s -> %s for input size %s", old, tuple(state_dict["pos_embed"].shape),
                         net.patch_embed.img_size)
     global_pool = not isinstance(net.fc_norm, torch.nn.Identity)
-    report = load_into(net, state_dict, new=NEW_KEYS, dropped=["norm.*"] if global_pool else [], source=str(path))
+    new = list(NEW_KEYS)
+    if "cls_token" not in state_dict:  # detectron2's ViT has no cls token: a converted encoder or a ViTDet detector
+        if not global_pool:
+            # Refused rather than started afresh: the head would read a token pretraining never shaped (which
+            # linear probing, the encoder frozen, would never train either), through a final norm they lack too.
+            raise CheckpointError(f"{path} ({checkpoint.format}) holds no cls token, which this classifier pools: "
+                                  f"add --global_pool (average pooling, which these checkpoints can start), or give "
+                                  f"a checkpoint with a cls token (the pretraining run's encoder.safetensors)")
+        new.append("cls_token")  # attended to but never pooled: it starts at the model's initialisation
+    report = load_into(net, state_dict, new=new, dropped=["norm.*"] if global_pool else [], source=str(path))
     return report, checkpoint.format

@@ -116,7 +116,8 @@ class ViTBackbone(BaseModule):
     def load_encoder(self, path):
         """Load an encoder checkpoint of any known format; the position embedding and relative position tables are
         resized to this model's grid. Returns the LoadReport (new: what MAE does not pretrain, such as relative
-        position tables and layer scale; dropped: the final norm, decoder and classifier)."""
+        position tables and layer scale, and the cls token of a checkpoint in detectron2's ViT layout, which has
+        none; dropped: the final norm, decoder and classifier)."""
         ckpt = read_checkpoint(path)
         arch = ckpt.arch()
         ours = dict(embed_dim=self.embed_dim, depth=self.depth, patch_size=self.vit.patch_embed.patch_size[0])
@@ -131,7 +132,9 @@ class ViTBackbone(BaseModule):
             if name.endswith("rel_pos_bias.table"):
                 trained_on = _table_grid(table, grid, where=f"{path}: {name}")
                 state_dict[name] = resize_relative_position_table(table, trained_on, grid)
-        return load_into(self.vit, state_dict, new=["blocks.*.rel_pos_bias.table", "blocks.*.ls?.gamma"],
+        # detectron2's ViT has no cls token (a converted encoder, a ViTDet detector): the backbone's starts at its
+        # initialisation, as only an attention slot here (no head reads it), and trains with the rest.
+        return load_into(self.vit, state_dict, new=["blocks.*.rel_pos_bias.table", "blocks.*.ls?.gamma", "cls_token"],
                          dropped=["norm.*", *(k + "*" for k in DECODER_KEYS + HEAD_KEYS)], source=str(path))
 
 
