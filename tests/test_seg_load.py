@@ -2,6 +2,7 @@
 compute what they compute in mmseg's own model; one trained for other classes starts training with new classifiers;
 anything else that does not fit is refused by name, never evaluated or trained on half-loaded (mmengine's loading
 would warn and go on)."""
+import json
 import re
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from mae_transfer.checkpoints import CheckpointError, read_file  # noqa: E402
 from mae_transfer.data.synthetic import generate_world  # noqa: E402
 from mae_transfer.seg import load_segmentor  # noqa: E402
 from mae_transfer.seg.load import segmentor_state_dict  # noqa: E402
+from convert_helpers import load_tool  # noqa: E402
 from pretrain_helpers import run_tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,3 +150,33 @@ def test_training_from_a_segmentor_of_other_classes_takes_all_but_its_classifier
     assert refused.returncode != 0
     assert re.search(r"CheckpointError: .*broken\.pth lacks tensors the model needs:\s+neck\.upsample_4x",
                      refused.stderr), refused.stderr[-3000:]
+
+
+def test_our_segmentor_checkpoint_is_an_encoder_to_inspect_and_to_model_pretrained(tmp_path, capsys):
+    """tools/train_seg.py's iter_N.pth: the format registry reads its encoder (under 'backbone.vit.', relative
+    position tables and layer scale included) and sets the neck and heads aside."""
+    trained = _segmentor()
+    with torch.no_grad():  # nothing left at a constant init: relative position tables, layer scale, norms
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = trained.state_dict()
+    path = tmp_path / "iter_40.pth"
+    torch.save({"meta": {"iter": 40}, "state_dict": state}, path)  # as mmengine's Runner saves it
+    encoder = {k[len("backbone.vit."):]: v for k, v in state.items() if k.startswith("backbone.vit.")}
+    assert any(k.endswith("rel_pos_bias.table") for k in encoder) and any(k.endswith("ls1.gamma") for k in encoder)
+
+    assert load_tool("inspect_checkpoint").main([str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format"], info["kind"]) == ("mae_transfer_seg", "encoder")
+    encoder_size = sum(v.numel() for v in encoder.values())
+    assert info["parameters"] == {"encoder": encoder_size, "total": encoder_size}
+    assert info["set_aside_parameters"] == sum(v.numel() for v in state.values()) - encoder_size
+
+    cfg = Config.fromfile(str(CONFIG))
+    cfg.model.pretrained = str(path)
+    init_default_scope("mmseg")
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    loaded = model.backbone.vit.state_dict()
+    assert loaded.keys() == encoder.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in encoder.items())

@@ -20,10 +20,11 @@ from torch import nn
 
 from ..checkpoints import CheckpointError, LoadReport, load_into, other_class_count
 from ..checkpoints.formats import FORMATS
+from ..checkpoints.formats.mmseg import SEGMENTOR_PREFIX
 
 __all__ = ["CLASS_SPECIFIC", "load_segmentor", "segmentor_state_dict"]
 
-_BACKBONE, _ENCODER = "backbone.", "backbone.vit."
+_BACKBONE = "backbone."
 # The tensors whose shapes follow the class count: each decode head's final 1x1 classifier.
 CLASS_SPECIFIC = ("decode_head.conv_seg.*", "auxiliary_head.conv_seg.*", "auxiliary_head.*.conv_seg.*")
 
@@ -39,7 +40,7 @@ def segmentor_state_dict(checkpoint: Any, source: str) -> Dict[str, torch.Tensor
     if mmseg.matches(state):  # mmseg's MAE backbone: its tensors under ViTBackbone's names
         encoder = mmseg.to_canonical(state)  # the backbone's part, minus the derived relative_position_index
         state = {**{k: v for k, v in state.items() if not k.startswith(_BACKBONE)},
-                 **{_ENCODER + k: v for k, v in encoder.items()}}
+                 **{SEGMENTOR_PREFIX + k: v for k, v in encoder.items()}}
     return state
 
 

@@ -1,4 +1,4 @@
-"""mmseg's `MAE` backbone (BEiT-style) key names.
+"""Segmentation layouts: mmseg's `MAE` backbone (BEiT-style) key names, and our own segmentors.
 
 On disk this is what mmseg itself loads as a pretrained backbone (`init_cfg=dict(type='Pretrained', checkpoint=...)`
 or `pretrained=` in its configs, as its tools/model_converters write them): bare backbone keys, no container.
@@ -17,6 +17,10 @@ UperNet-MAE state dict), of which only the backbone is kept.
 
 mmseg's `layers.N.attn.relative_position_index` is derived from the grid, so it is not carried over. Decoder and
 classifier tensors have no place in a backbone checkpoint and are not written.
+
+Our segmentors ('mae_transfer_seg': tools/train_seg.py's iter_N.pth, {'state_dict': ..., 'meta': ...}) hold the
+encoder of mae_transfer.seg.ViTBackbone under 'backbone.vit.' with the canonical names above, relative position
+tables and layer scale included; neck and heads, like an mmseg segmentor's, are set aside.
 """
 import re
 from typing import Any, Dict, Mapping
@@ -29,6 +33,7 @@ from ...models.mae import DECODER_KEYS
 StateDict = Dict[str, torch.Tensor]
 
 _PREFIX = "backbone."
+SEGMENTOR_PREFIX = _PREFIX + "vit."  # ViTBackbone's encoder in our segmentors
 _TOP = {"patch_embed.proj.": "patch_embed.projection.", "norm.": "ln1."}
 _BLOCK = {"norm1.": "ln1.", "norm2.": "ln2.", "mlp.fc1.": "ffn.layers.0.0.", "mlp.fc2.": "ffn.layers.1.",
           "ls1.gamma": "gamma_1", "ls2.gamma": "gamma_2", "rel_pos_bias.table": "attn.relative_position_bias_table"}
@@ -82,3 +87,18 @@ def matches(sd: Mapping[str, Any]) -> bool:
 register(Format("mmseg", "mmseg MAE backbone: bare backbone keys (layers.N.ln1, ffn.layers.0.0, ...) as mmseg loads "
                          "pretrained backbones; reads {'state_dict': ...} and 'backbone.'-prefixed segmentors too",
                 matches, to_canonical, from_canonical))
+
+
+def _segmentor_to_canonical(sd: StateDict) -> StateDict:
+    return {k[len(SEGMENTOR_PREFIX):]: v for k, v in sd.items() if k.startswith(SEGMENTOR_PREFIX)}
+
+
+def _is_segmentor(sd: Mapping[str, Any]) -> bool:
+    return (SEGMENTOR_PREFIX + "patch_embed.proj.weight" in sd
+            and SEGMENTOR_PREFIX + "blocks.0.attn.qkv.weight" in sd)
+
+
+# Read only: an encoder alone makes no segmentor, so no conversion writes this layout.
+register(Format("mae_transfer_seg", "segmentor written by tools/train_seg.py ({'state_dict': ...}, ViTBackbone's "
+                                    "encoder under 'backbone.vit.'); neck and heads set aside",
+                _is_segmentor, _segmentor_to_canonical))
