@@ -110,6 +110,25 @@ def test_test_seg_refuses_it_before_evaluating(world, tmp_path):
     assert not (tmp_path / "work" / "metrics.json").exists()
 
 
+def test_test_seg_takes_a_checkpoint_url_to_mmengine_s_loaders(world, tmp_path, monkeypatch):
+    """As mmseg's tools/test.py: a URL is no local file, and mmengine's CheckpointLoader (here a stand-in, no network)
+    fetches it."""
+    from mmengine.runner import CheckpointLoader
+    url = "https://download.openmmlab.com/mmsegmentation/v0.5/mae/upernet_mae-tiny.pth"
+    fetched = []
+
+    def fetch(filename, map_location=None, logger="current"):
+        fetched.append(filename)
+        return {"state_dict": _segmentor().state_dict()}
+
+    monkeypatch.setattr(CheckpointLoader, "load_checkpoint", fetch)
+    report = load_tool("test_seg").main([str(CONFIG), url, "--work-dir", str(tmp_path / "work"), "--data-root",
+                                         str(world), "--cfg-options", "test_dataloader.num_workers=0",
+                                         "test_dataloader.persistent_workers=False"])
+    assert fetched == [url]
+    assert report["checkpoint"] == url and json.loads((tmp_path / "work" / "metrics.json").read_text()) == report
+
+
 def test_training_from_a_segmentor_of_other_classes_takes_all_but_its_classifiers(world, tmp_path):
     ade = _segmentor()  # stands in for an ADE20K model: 150 classes, every tensor away from its initial value
     with torch.no_grad():

@@ -5,8 +5,9 @@ r"""Evaluate a trained segmentor: mIoU, mAcc, aAcc and per-class IoU / accuracy,
         model.data_preprocessor.test_cfg.size_divisor=16       # whole images, any size (padding cut from the output)
     torchrun --nproc_per_node 8 tools/test_seg.py CONFIG CHECKPOINT --launcher pytorch
 
-The checkpoint is one tools/train_seg.py wrote or one of mmseg's released UperNet-MAE models, loaded by exact names:
-one that does not fit the config's model is refused, naming the tensors (mae_transfer.seg.load).
+The checkpoint is one tools/train_seg.py wrote or one of mmseg's released UperNet-MAE models (a path, or a URL that
+mmengine downloads), loaded by exact names: one that does not fit the config's model is refused, naming the tensors
+(mae_transfer.seg.load).
 
 The metrics go to --json (default WORK_DIR/metrics.json):
     {"config", "checkpoint", "aAcc", "mIoU", "mAcc", "per_class": {class: {"IoU", "Acc"}}}   (percent)
@@ -27,7 +28,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a segmentor (mmseg config + checkpoint)")
     parser.add_argument("config", help="config file")
     parser.add_argument("checkpoint", help="checkpoint written by tools/train_seg.py, or an mmseg UperNet-MAE one "
-                                           "(its model zoo's); loaded by exact names")
+                                           "(its model zoo's, a path or URL); loaded by exact names")
     parser.add_argument("--work-dir", help="where logs go (default: work_dirs/<config name>)")
     parser.add_argument("--json", help="metrics file (default: WORK_DIR/metrics.json)")
     parser.add_argument("--data-root", help="dataset root for every dataloader (ADE20K layout)")
@@ -42,7 +43,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if not osp.isfile(args.checkpoint):
+    # A URL (https://, open-mmlab://, ...) is for mmengine's loaders in ExactLoadingRunner, as mmseg's test.py allows.
+    if "://" not in args.checkpoint and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     cfg = load_config(args.config, cfg_options=args.cfg_options, work_dir=args.work_dir, data_root=args.data_root,
                       launcher=args.launcher)
