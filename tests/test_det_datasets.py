@@ -1,13 +1,15 @@
 """COCO-format datasets by paths: what a user sees when a path or an image is wrong, or the class count is."""
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser
 
 from convert_helpers import load_tool
 from mae_transfer.data.synthetic import CATEGORIES, generate_world
-from mae_transfer.det import coco_instances
+from mae_transfer.det import ViTDetCheckpointer, coco_instances
 
 CONFIG = Path(__file__).resolve().parents[1] / "det_configs" / "mask_rcnn_vit_tiny_synthetic.py"
 train_det = load_tool("train_det")
@@ -60,6 +62,34 @@ def test_class_count_other_than_the_datasets_is_refused(coco, tmp_path):
     with pytest.raises(ValueError, match=rf"has {len(CATEGORIES)} categories but model.roi_heads.num_classes is 3"):
         train_on(tmp_path, coco / "annotations" / "instances_train.json", coco / "train",
                  "model.roi_heads.num_classes=3")
+
+
+def test_a_test_set_of_other_categories_is_refused_before_training_or_inference(coco, tmp_path, monkeypatch):
+    """The model is built for the training set's categories; a test set with one fewer is refused before anything
+    runs, in training and with --eval-only (detectron2's COCOEvaluator would assert after the whole inference)."""
+    val = json.loads((coco / "annotations" / "instances_val.json").read_text())
+    dropped = val["categories"].pop()["id"]
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] != dropped]
+    (tmp_path / "instances_val5.json").write_text(json.dumps(val))
+    test_set = [f"dataloader.test.dataset.json_file={tmp_path / 'instances_val5.json'}",
+                f"dataloader.test.dataset.image_root={coco / 'val'}", "dataloader.test.num_workers=0"]
+
+    def inference(*args):
+        raise AssertionError("inference ran")
+
+    monkeypatch.setattr("mae_transfer.det.evaluation.inference_on_dataset", inference)
+    refused = rf"test dataset 'synthetic_coco_val' has {len(CATEGORIES) - 1} categories but " \
+              rf"model.roi_heads.num_classes is {len(CATEGORIES)}: evaluate on a dataset of the model's"
+    with pytest.raises(ValueError, match=refused):
+        train_on(tmp_path / "run", coco / "annotations" / "instances_train.json", coco / "train", *test_set)
+    assert not (tmp_path / "run" / "last_checkpoint").exists()  # refused before training
+
+    ViTDetCheckpointer(instantiate(LazyConfig.load(str(CONFIG)).model), str(tmp_path)).save("detector")
+    args = default_argument_parser().parse_args([
+        "--config-file", str(CONFIG), "--eval-only", *test_set, "train.device=cpu",
+        f"train.init_checkpoint={tmp_path / 'detector.pth'}", f"train.output_dir={tmp_path / 'eval'}"])
+    with pytest.raises(ValueError, match=refused):
+        train_det.main(args)
 
 
 def test_any_coco_format_dataset_loads_by_paths(coco):

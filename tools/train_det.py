@@ -15,8 +15,8 @@ Differences from detectron2's script: weights load by exact names with one repor
 checkpoints are written atomically, AMP is used only where it exists (CUDA), gradient compression
 (train.ddp.fp16_compression) is bf16's unless training in fp16 (no loss scale would keep small gradients in fp16's
 range), --eval-only takes --resume (the run's last checkpoint) and refuses an encoder-only checkpoint (its heads
-would be untrained), and every evaluation prints one box/mask AP table and writes it to
-<train.output_dir>/coco_ap.json.
+would be untrained), a test set of other categories than the model's is refused before training or evaluating, and
+every evaluation prints one box/mask AP table and writes it to <train.output_dir>/coco_ap.json.
 """
 import logging
 from typing import Optional
@@ -82,6 +82,15 @@ def create_ddp(model, ddp_options, precision: Optional[torch.dtype]):
     return model
 
 
+def check_test_set(cfg) -> None:
+    """The model's class count against the test set's categories, before any training or inference: detectron2's
+    COCOEvaluator would only assert after a whole inference (or score a model of other classes)."""
+    dataset = cfg.dataloader.test.dataset
+    if "name" in dataset:  # datasets given by paths (mae_transfer.det.coco_instances), registered as they are read
+        instantiate(dataset)
+        check_num_classes(dataset.name, cfg.model.roi_heads.num_classes, split="test")
+
+
 def do_train(args, cfg) -> None:
     model = instantiate(cfg.model).to(cfg.train.device)
     logger.info("Model:\n%s", model)
@@ -90,6 +99,7 @@ def do_train(args, cfg) -> None:
     train_loader = instantiate(cfg.dataloader.train)
     if "name" in cfg.dataloader.train.dataset:  # datasets given by paths (mae_transfer.det.coco_instances)
         check_num_classes(cfg.dataloader.train.dataset.name, cfg.model.roi_heads.num_classes)
+    check_test_set(cfg)  # evaluated at the end of training at least
 
     precision = amp_dtype(cfg)
     model = create_ddp(model, cfg.train.ddp, precision)
@@ -121,6 +131,7 @@ def main(args):
     # the checkpointer's notes on resized embeddings) would reach neither the console nor log.txt.
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mae_transfer")
     if args.eval_only:
+        check_test_set(cfg)
         model = create_ddp_model(instantiate(cfg.model).to(cfg.train.device))
         checkpointer = ViTDetCheckpointer(model, cfg.train.output_dir)
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)  # --resume: the run's last

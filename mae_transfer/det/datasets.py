@@ -55,9 +55,13 @@ def coco_instances(name: str, json_file: str, image_root: str, filter_empty: boo
     return dicts
 
 
-def check_num_classes(name: str, num_classes: int) -> None:
-    """A detector's class count must match the dataset's categories (checked after the dataset was loaded)."""
+def check_num_classes(name: str, num_classes: int, split: str = "train") -> None:
+    """A detector's class count must match the dataset's categories (checked after the dataset was loaded): those
+    of the training set, which the model is built for, and those of the test set it is evaluated on."""
     classes = MetadataCatalog.get(name).get("thing_classes")
-    if classes is not None and len(classes) != num_classes:
-        raise ValueError(f"dataset {name!r} has {len(classes)} categories but model.roi_heads.num_classes is "
-                         f"{num_classes}: add model.roi_heads.num_classes={len(classes)}")
+    if classes is None or len(classes) == num_classes:
+        return
+    fix = (f"add model.roi_heads.num_classes={len(classes)}" if split == "train" else
+           f"evaluate on a dataset of the model's {num_classes} categories (dataloader.test.dataset.json_file=...)")
+    raise ValueError(f"{split} dataset {name!r} has {len(classes)} categories but model.roi_heads.num_classes is "
+                     f"{num_classes}: {fix}")
