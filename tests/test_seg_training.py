@@ -167,6 +167,30 @@ def test_amp_without_a_gpu_is_refused_by_name(world, tmp_path):
     assert not (tmp_path / "work").exists()  # refused before anything was written
 
 
+def test_heads_of_another_class_count_than_the_dataset_s_are_refused_before_training_and_testing(world, tmp_path):
+    """The synthetic world has 6 classes: a decode head of 10 (which would train silently) and an auxiliary head of 3
+    (which would fail inside the loss) are refused by their config keys before any iteration or inference."""
+    heads = {"model.decode_head.num_classes": 10, "model.auxiliary_head.num_classes": 3}
+    options = [*TRAIN, *(f"{key}={n}" for key, n in heads.items())]
+    refused = (r"dataset \(ADE20KLayoutDataset\) has 6 classes \(its metainfo 'classes'\) but "
+               r"model\.decode_head\.num_classes is 10, model\.auxiliary_head\.num_classes is 3: set "
+               r"model\.decode_head\.num_classes=6 model\.auxiliary_head\.num_classes=6")
+    with pytest.raises(ValueError, match="train_dataloader." + refused):
+        _tool("train_seg").main([str(CONFIG), "--work-dir", str(tmp_path / "train"), "--data-root", str(world),
+                                 "--cfg-options", *options])
+    assert not list((tmp_path / "train").glob("iter_*.pth"))
+
+    from mmseg.registry import MODELS
+    cfg = Config.fromfile(str(CONFIG))
+    cfg.merge_from_dict(heads)
+    init_default_scope("mmseg")
+    torch.save({"state_dict": MODELS.build(cfg.model).state_dict()}, tmp_path / "mismatched.pth")
+    with pytest.raises(ValueError, match="test_dataloader." + refused):
+        _tool("test_seg").main([str(CONFIG), str(tmp_path / "mismatched.pth"), "--work-dir", str(tmp_path / "test"),
+                                "--data-root", str(world), "--cfg-options", *options])
+    assert not (tmp_path / "test" / "metrics.json").exists()
+
+
 def test_missing_annotation_is_a_clear_error(world, tmp_path):
     broken = tmp_path / "ade"
     shutil.copytree(world, broken)

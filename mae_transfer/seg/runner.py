@@ -1,17 +1,19 @@
 """What tools/train_seg.py and tools/test_seg.py share: building the config, the runner that loads checkpoints by
-exact names, and turning metrics into a report."""
+exact names and checks the heads' class count against the data, and turning metrics into a report."""
 import math
 import os.path as osp
 from typing import Any, Dict, Optional, Sequence
 
 from mmengine.config import Config
+from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import CheckpointLoader, Runner
+from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 
 from ..checkpoints import CheckpointError, read_file
 from .load import load_segmentor
 
-__all__ = ["ExactLoadingRunner", "load_config", "metrics_report"]
+__all__ = ["ClassCountCheckHook", "ExactLoadingRunner", "load_config", "metrics_report"]
 
 _DATALOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 
@@ -49,13 +51,46 @@ def metrics_report(metrics: Dict[str, float], classes: Sequence[str]) -> dict:
             "per_class": {name: {"IoU": value(f"IoU.{name}"), "Acc": value(f"Acc.{name}")} for name in classes}}
 
 
+class ClassCountCheckHook(Hook):
+    """Refuses decode heads whose num_classes is not the class count of the data, before training (the training and
+    validation sets) and before testing: mmseg checks neither, so a head with more classes trains silently and one
+    with fewer fails inside the loss."""
+
+    priority = "VERY_HIGH"  # before any other hook acts on a model that does not fit the data
+
+    def before_train(self, runner) -> None:
+        _check_num_classes(runner, "train_dataloader")
+        if runner.val_loop is not None:
+            _check_num_classes(runner, "val_dataloader")
+
+    def before_test(self, runner) -> None:
+        _check_num_classes(runner, "test_dataloader")
+
+
+def _check_num_classes(runner: Runner, dataloader: str) -> None:
+    dataset = getattr(runner, dataloader).dataset
+    count = len(dataset.metainfo["classes"])
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    wrong = {f"model.{name}.num_classes": head.num_classes for name, head in model.named_modules()
+             if isinstance(head, BaseDecodeHead) and head.num_classes != count}
+    if wrong:
+        raise ValueError(f"{dataloader}.dataset ({type(dataset).__name__}) has {count} classes (its metainfo "
+                         f"'classes') but {', '.join(f'{key} is {n}' for key, n in wrong.items())}: set "
+                         f"{' '.join(f'{key}={count}' for key in wrong)} (in the config or with --cfg-options)")
+
+
 class ExactLoadingRunner(Runner):
     """mmengine's Runner whose checkpoint loading (`load_from`, --resume) is load_segmentor's: by exact names, with
     one report. `new_classes` (set by tools/train_seg.py) lets a `load_from` segmentor of other classes start
     training with new classifiers; resuming and evaluating stay exact. As in mmengine, --resume with a load_from
-    resumes from load_from: it must then be a training checkpoint, not a released model."""
+    resumes from load_from: it must then be a training checkpoint, not a released model. The heads' class count is
+    checked against the data (ClassCountCheckHook)."""
 
     new_classes = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_hook(ClassCountCheckHook())
 
     def load_checkpoint(self, filename: str, map_location: Any = "cpu", strict: bool = False,
                         revise_keys: Any = ()) -> dict:
