@@ -163,6 +163,13 @@ def test_eval_only_resumes_the_run_s_last_checkpoint_and_refuses_an_encoder(trai
     assert "pos_embed resized from a 2x2 to a 4x4 grid" in (tmp_path / "none" / "log.txt").read_text()
 
 
+def test_eval_only_resume_without_a_last_checkpoint_says_so(coco_world, tmp_path):
+    with pytest.raises(ValueError, match=rf"--eval-only evaluates a trained detector, but --resume found no "
+                                         rf"last_checkpoint in {tmp_path} \(train\.output_dir\)"):
+        run_tool("--eval-only", "--resume", *dataset_overrides(coco_world), "train.device=cpu",
+                 f"train.output_dir={tmp_path}")
+
+
 class GroundTruthModel(torch.nn.Module):
     """Predicts, for each test image, its own annotations (detectron2's conversion to Instances) with score 1."""
 

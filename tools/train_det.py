@@ -136,10 +136,15 @@ def main(args):
         checkpointer = ViTDetCheckpointer(model, cfg.train.output_dir)
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)  # --resume: the run's last
         if checkpointer.loaded is None or checkpointer.loaded_encoder:
-            what = f"{checkpointer.loaded} holds an encoder only" if checkpointer.loaded else "no checkpoint was given"
-            raise ValueError(f"--eval-only evaluates a trained detector, but {what}: its heads would be untrained. "
-                             f"Give train.init_checkpoint=<a detector, e.g. OUTPUT_DIR/model_final.pth>, or --resume "
-                             f"with train.output_dir")
+            if checkpointer.loaded:
+                what = f"{checkpointer.loaded} holds an encoder only: its heads would be untrained"
+            elif args.resume:  # detectron2's resume_or_load falls back to train.init_checkpoint, empty here
+                what = f"--resume found no last_checkpoint in {cfg.train.output_dir} (train.output_dir)"
+            else:
+                what = "no checkpoint was given"
+            raise ValueError(f"--eval-only evaluates a trained detector, but {what}. Give train.init_checkpoint=<a "
+                             f"detector, e.g. OUTPUT_DIR/model_final.pth>, or --resume with train.output_dir=<the "
+                             f"output directory of a run>")
         return evaluate(cfg, model, checkpoint=checkpointer.loaded)
     do_train(args, cfg)
 
