@@ -16,8 +16,9 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 
-from mae_transfer.checkpoints import CheckpointError, read_file  # noqa: E402
+from mae_transfer.checkpoints import CheckpointError, read_file, save_checkpoint  # noqa: E402
 from mae_transfer.data.synthetic import generate_world  # noqa: E402
+from mae_transfer.models import vit_tiny_patch16  # noqa: E402
 from mae_transfer.seg import load_segmentor  # noqa: E402
 from mae_transfer.seg.load import segmentor_state_dict  # noqa: E402
 from convert_helpers import load_tool  # noqa: E402
@@ -96,6 +97,20 @@ def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_tensors(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match=r"empty\.pth: not a segmentor checkpoint"):
         _load(_segmentor(), tmp_path / "empty.pth")
+
+
+def test_an_encoder_given_for_a_segmentor_is_refused_pointing_to_model_pretrained(tmp_path):
+    """An encoder (pretraining's encoder.safetensors, the reference's mae_pretrain_*.pth) as load_from or
+    test_seg.py's checkpoint: named as what it is, not as a segmentor lacking its own tensors."""
+    encoder = vit_tiny_patch16(img_size=64).state_dict()
+    ours = save_checkpoint(tmp_path / "encoder.safetensors", encoder, {"model": "mae_vit_tiny_patch16"})
+    reference = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": encoder}, reference)
+    for path in (ours, reference):
+        with pytest.raises(CheckpointError, match=rf"{path} holds a ViT encoder, not a segmentor \(no "
+                                                  rf"decode_head\): to start a segmentor from it, train with "
+                                                  rf"model\.pretrained={path}"):
+            _load(_segmentor(), path)
 
 
 def test_test_seg_refuses_it_before_evaluating(world, tmp_path):

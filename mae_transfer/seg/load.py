@@ -10,6 +10,8 @@ says what was loaded. Two layouts are read:
 - mmseg's own UperNet-MAE checkpoints, as its model zoo releases them: mmseg's `MAE` backbone under 'backbone.'
   (layers.N.ln1, ffn.layers.0.0, gamma_1, ...), renamed by the 'mmseg' checkpoint format. Neck and heads are mmseg's
   modules in both, with the same names.
+
+An encoder checkpoint (no decode head) is refused as such: it starts a segmentor as model.pretrained instead.
 """
 import logging
 from typing import Any, Dict
@@ -18,7 +20,7 @@ import torch
 from mmengine.logging import print_log
 from torch import nn
 
-from ..checkpoints import CheckpointError, LoadReport, load_into, other_class_count
+from ..checkpoints import CheckpointError, LoadReport, load_into, other_class_count, parse_checkpoint
 from ..checkpoints.formats import FORMATS
 from ..checkpoints.formats.mmseg import SEGMENTOR_PREFIX
 
@@ -33,6 +35,11 @@ def segmentor_state_dict(checkpoint: Any, source: str) -> Dict[str, torch.Tensor
     """The segmentor weights in a checkpoint ({'state_dict': ...} as mmengine and mmcv save them, or a bare state
     dict), named as our configs' models name them."""
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if isinstance(state, dict) and not any(str(k).startswith("decode_head.") for k in state) \
+            and _holds_an_encoder(checkpoint, source):
+        raise CheckpointError(f"{source} holds a ViT encoder, not a segmentor (no decode_head): to start a segmentor "
+                              f"from it, train with model.pretrained={source} (--cfg-options model.pretrained=PATH); "
+                              f"load_from and tools/test_seg.py take a whole segmentor, as train_seg.py saves it")
     if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise CheckpointError(f"{source}: not a segmentor checkpoint (expected {{'state_dict': {{name: tensor}}}}, "
                               f"as mmengine saves one, or a bare state dict)")
@@ -42,6 +49,14 @@ def segmentor_state_dict(checkpoint: Any, source: str) -> Dict[str, torch.Tensor
         state = {**{k: v for k, v in state.items() if not k.startswith(_BACKBONE)},
                  **{SEGMENTOR_PREFIX + k: v for k, v in encoder.items()}}
     return state
+
+
+def _holds_an_encoder(checkpoint: Any, source: str) -> bool:
+    """Whether the checkpoint registry reads `checkpoint` as a ViT encoder, in any format it knows."""
+    try:
+        return bool(parse_checkpoint(source, checkpoint, {}).state_dict)
+    except CheckpointError:
+        return False
 
 
 def load_segmentor(model: nn.Module, checkpoint: Any, source: str, *, new_classes: bool = False) -> LoadReport:
