@@ -137,9 +137,11 @@ def test_test_seg_takes_a_checkpoint_url_to_mmengine_s_loaders(world, tmp_path, 
         return {"state_dict": _segmentor().state_dict()}
 
     monkeypatch.setattr(CheckpointLoader, "load_checkpoint", fetch)
+    # In this process (for the stand-in), under a visualizer of its own: mmengine keeps one per name per process,
+    # and another test's run in the same process would write through this one's folders.
     report = load_tool("test_seg").main([str(CONFIG), url, "--work-dir", str(tmp_path / "work"), "--data-root",
                                          str(world), "--cfg-options", "test_dataloader.num_workers=0",
-                                         "test_dataloader.persistent_workers=False"])
+                                         "test_dataloader.persistent_workers=False", "visualizer.name=url_test"])
     assert fetched == [url]
     assert report["checkpoint"] == url and json.loads((tmp_path / "work" / "metrics.json").read_text()) == report
 
