@@ -160,6 +160,10 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
                              masking=args.masking, **decoder).to(device)
     except ValueError as err:
         raise SystemExit(f"--model {args.model} --input_size {args.input_size}: {err}") from None
+    # As resolved, like --lr: the record and the checkpoints say what ran, and a resumption compares decoders, not
+    # spellings of one (unset or given as the model's default).
+    args.decoder_embed_dim, args.decoder_depth = model.decoder_embed.out_features, len(model.decoder_blocks)
+    args.decoder_num_heads = model.decoder_blocks[0].attn.num_heads
 
     noise_fn = partial(masking_noise, args.masking, 1, model.grid_size, args.mask_ratio)
     dataset = ImageFolderDataset(data_root(args.data_path), seed=args.seed,

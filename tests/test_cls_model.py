@@ -185,6 +185,11 @@ def test_anything_else_missing_is_an_error(tmp_path):
         load_pretrained(classifier("finetune"), path)
     with pytest.raises(CheckpointError, match="wrong model size"):
         load_pretrained(build_classifier("vit_tiny_patch16", 5, img_size=32, depth=DEPTH), _pretrained(tmp_path)[0])
+    path, sd = _pretrained(tmp_path)
+    del sd["cls_token"]  # only detectron2's layout may lack it
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match=r"lacks tensors the model needs:\n  cls_token"):
+        load_pretrained(classifier("finetune"), path)
 
 
 def test_a_pos_embed_of_no_square_grid_is_refused_naming_the_file(tmp_path):

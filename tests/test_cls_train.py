@@ -1,4 +1,5 @@
 """tools/train_cls.py end to end on generated images: flags, learning, evaluation, freezing, resume."""
+import argparse
 import json
 import math
 import shutil
@@ -218,6 +219,12 @@ def test_eval_builds_the_classifier_its_checkpoint_records_unless_flags_say_othe
         assert train_cls.main(args) == final
     args = train_cls.parse_args(given + ["--input_size", "48", "--global_pool", "--model", "vit_small_patch16"])
     assert (args.model, args.mode, args.global_pool, args.input_size) == ("vit_small_patch16", "linprobe", True, 48)
+    # The reference's main_linprobe records no --mode: its BatchNorm head says it is a linear probe.
+    reference = tmp_path / "checkpoint-89.pth"
+    torch.save({"model": read_checkpoint(path).state_dict, "epoch": 89,
+                "args": argparse.Namespace(model="vit_tiny_patch16", input_size=32)}, reference)
+    args = train_cls.parse_args([*given[:2], str(reference), *given[3:]])
+    assert (args.model, args.mode, args.input_size) == ("vit_tiny_patch16", "linprobe", 32)
 
 
 def test_eval_counts_and_reports_an_unreadable_val_image(blobs, tmp_path, capsys):

@@ -1,3 +1,4 @@
+import argparse
 import json
 import math
 from contextlib import nullcontext
@@ -5,8 +6,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from mae_transfer.engine import (NonFiniteLossError, Precision, RunLog, adamw, param_groups, train_one_epoch,
-                                 warmup_cosine)
+from mae_transfer.engine import (BatchPlan, DistInfo, NonFiniteLossError, Precision, RunLog, adamw, open_run_log,
+                                 param_groups, train_one_epoch, warmup_cosine)
+from mae_transfer.engine import logging as engine_logging
 
 CPU = torch.device("cpu")
 
@@ -145,6 +147,18 @@ def test_logged_losses_are_the_means_of_their_windows_and_the_epoch(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in records] == [(3, 1.0), (6, 4.0), (8, 6.5)]
     assert result.loss == 3.5 and result.iteration == 8
+
+
+def test_only_the_main_process_records_the_run(tmp_path, monkeypatch):
+    # The record asks git and the hardware: on the other ranks of a large job it would only cost their start.
+    def asked(dist):
+        raise AssertionError("a non-main rank built the run record")
+    monkeypatch.setattr(engine_logging, "_environment", asked)
+    args = argparse.Namespace(output_dir=str(tmp_path), log_dir=None, start_epoch=0)
+    plan = BatchPlan(batch_size=4, accum_iter=1, world_size=2, iters_per_epoch=3)
+    log = open_run_log(args, plan, Precision("none", CPU), DistInfo(1, 1, 2, CPU), resumed_from=None)
+    log.close()
+    assert not (tmp_path / "log.jsonl").exists()
 
 
 def test_precision_modes():

@@ -64,16 +64,17 @@ def test_a_resumption_keeps_the_recipe_and_a_fresh_run_keeps_off_an_earlier_one(
     common = dict(epochs=2, warmup_epochs=0, norm_pix_loss=True)
     _run_here(tiny_flags(tmp_path / "data", out, max_steps=2, **common))  # checkpoint-0.pth
     # Another decoder head count shapes no tensor: it would load and silently train another model.
-    with pytest.raises(CheckpointError, match="saved by a run with --decoder_num_heads None; this run has "
-                                              "--decoder_num_heads 2"):
+    with pytest.raises(CheckpointError, match="saved by a run with decoder_num_heads=4; this run has "
+                                              "decoder_num_heads=2"):
         _run_here(tiny_flags(tmp_path / "data", out, resume=out, decoder_num_heads=2, **common))
-    with pytest.raises(CheckpointError, match="--norm_pix_loss True; this run has --norm_pix_loss False"):
+    with pytest.raises(CheckpointError, match="norm_pix_loss=True; this run has norm_pix_loss=False"):
         _run_here(tiny_flags(tmp_path / "data", out, resume=out, **{**common, "norm_pix_loss": None}))
     # Without --resume it would overwrite checkpoint-0 and leave the earlier run's later ones to a later --resume.
     with pytest.raises(CheckpointError, match="holds checkpoint-0.pth of an earlier run: add --resume"):
         _run_here(tiny_flags(tmp_path / "data", out, **common))
     capsys.readouterr()
-    _run_here(tiny_flags(tmp_path / "data", out, resume=out, **{**common, "epochs": 3}))  # extending is fine: said
-    assert "settings changed since that run: --epochs 3 (were --epochs 2)" in capsys.readouterr().out
+    # The model's own default head count, now spelt out, is the same decoder; extending the run is fine, and said.
+    _run_here(tiny_flags(tmp_path / "data", out, resume=out, decoder_num_heads=4, **{**common, "epochs": 3}))
+    assert "settings changed since that run: epochs=3 (were epochs=2)" in capsys.readouterr().out
     _run_here(tiny_flags(tmp_path / "data", out, resume=out, **{**common, "epochs": 3}))
     assert "all 3 epochs were done: nothing to train" in capsys.readouterr().out

@@ -204,6 +204,10 @@ def test_a_detectron2_layout_checkpoint_starts_the_cls_token_afresh(tmp_path):
     assert torch.equal(ours["cls_token"], initial)
     assert set(report.loaded) == {k for k in encoder if k not in ("cls_token", "norm.weight", "norm.bias")}
     assert all(torch.equal(ours[k], encoder[k]) for k in report.loaded)
+    del encoder["cls_token"]  # only detectron2's layout may lack it
+    torch.save({"model": encoder}, tmp_path / "no_cls.pth")
+    with pytest.raises(CheckpointError, match="lacks tensors the model needs:\n  cls_token"):
+        ViTBackbone(**SMALL).load_encoder(tmp_path / "no_cls.pth")
 
 
 def test_checkpoint_of_another_width_fails_clearly(tmp_path):

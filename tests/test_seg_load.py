@@ -16,7 +16,7 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 
-from mae_transfer.checkpoints import CheckpointError, read_file, save_checkpoint  # noqa: E402
+from mae_transfer.checkpoints import CheckpointError, read_checkpoint, read_file, save_checkpoint  # noqa: E402
 from mae_transfer.data.synthetic import generate_world  # noqa: E402
 from mae_transfer.models import vit_tiny_patch16  # noqa: E402
 from mae_transfer.seg import load_segmentor  # noqa: E402
@@ -216,3 +216,12 @@ def test_our_segmentor_checkpoint_is_an_encoder_to_inspect_and_to_model_pretrain
     loaded = model.backbone.vit.state_dict()
     assert loaded.keys() == encoder.keys()
     assert all(torch.equal(loaded[k], v) for k, v in encoder.items())
+
+    # Its trained relative position bias and layer scale have a place in mmseg's layout only.
+    convert = load_tool("convert_checkpoint")
+    parts = "blocks.{0..11}.ls1.gamma, blocks.{0..11}.ls2.gamma, blocks.{0..11}.rel_pos_bias.table"
+    for to in ("timm", "mae", "hf", "detectron2"):
+        assert convert.main([str(path), str(tmp_path / f"seg_{to}{'.pth' if to != 'hf' else ''}"), "--to", to]) == 1
+        assert f"holds a segmentation backbone's own parts ({parts}), which the {to} layout" in capsys.readouterr().err
+    assert convert.main([str(path), str(tmp_path / "seg_mmseg.pth"), "--to", "mmseg"]) == 0
+    assert all(torch.equal(v, read_checkpoint(tmp_path / "seg_mmseg.pth").state_dict[k]) for k, v in encoder.items())

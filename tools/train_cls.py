@@ -123,8 +123,11 @@ def recorded_classifier(resume: str) -> Dict[str, Any]:
     path = latest_checkpoint(Path(resume))
     if path is None:
         return {}
-    recorded = read_checkpoint(path).meta  # a training checkpoint's: its flags
-    return {k: recorded[k] for k in CLASSIFIER if recorded.get(k) is not None}
+    checkpoint = read_checkpoint(path)
+    recorded = {k: checkpoint.meta[k] for k in CLASSIFIER if checkpoint.meta.get(k) is not None}  # ours, or flags
+    if checkpoint.kind == "linprobe":  # its head says so where nothing records it (the reference's main_linprobe)
+        recorded.setdefault("mode", "linprobe")
+    return recorded
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -28,7 +28,7 @@ from mae_transfer.visualization import reconstruction_picture
 def build_model(ckpt: Checkpoint, norm_pix_loss: bool) -> MaskedAutoencoderViT:
     if ckpt.kind != "full":
         raise CheckpointError(
-            f"{ckpt.path} is an {ckpt.kind} checkpoint without the MAE decoder, so it cannot reconstruct images; "
+            f"{ckpt.path} holds no MAE decoder ({ckpt.kind} checkpoint), so it cannot reconstruct images; "
             "use mae_full.safetensors or checkpoint-N.pth from pretraining, or the reference's "
             "mae_visualize_vit_*.pth / mae_pretrain_vit_*_full.pth")
     arch = ckpt.arch()

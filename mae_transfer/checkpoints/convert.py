@@ -41,6 +41,8 @@ StateDict = Dict[str, torch.Tensor]
 _DECODER = (("mask_token", "the MAE decoder"), ("decoder_*", "the MAE decoder"))
 _HEAD = (("head.*", "the classification head"), ("fc_norm.*", "the classification head's norm"))
 _CLS = ("cls_token", "the model has a cls token, which a detectron2 (ViTDet) checkpoint does not keep")
+# A segmentation backbone's own parts (mmseg's MAE, our ViTBackbone): trained, they change what the encoder computes.
+_SEGMENTATION_PARTS = ("blocks.*.rel_pos_bias.table", "blocks.*.ls1.gamma", "blocks.*.ls2.gamma")
 
 
 # (weight, new (p, p)) -> weight, and how the change is described (see the module docstring)
@@ -63,6 +65,7 @@ class Target:
     config: Optional[Callable[[Checkpoint], Tuple[Dict[str, Any], Dict[str, Any]]]] = None
     patch_resample: str = "flexivit"  # how --patch-size changes the patch embedding: a key of PATCH_RESAMPLING
     linear_head: bool = False  # the host's head is one Linear: a linear probe's BatchNorm is folded into it
+    segmentation_parts: bool = False  # the layout holds relative position bias tables and layer scale
 
     @property
     def is_directory(self) -> bool:
@@ -95,7 +98,8 @@ TARGETS: Dict[str, Target] = {
                                         "directly")),
                          patch_resample="vitdet"),
     "mmseg": Target("mmseg", (".pth",), needs=(_CLS,),  # bare keys, as mmseg's own model_converters write them
-                    drops=_because(_DECODER + _HEAD, "a segmentation backbone keeps the encoder only")),
+                    drops=_because(_DECODER + _HEAD, "a segmentation backbone keeps the encoder only"),
+                    segmentation_parts=True),
 }
 
 
@@ -205,6 +209,13 @@ def convert(source: Checkpoint, to: str, *, img_size: Optional[int] = None, patc
         for key in _matching(sd, pattern):
             dropped.setdefault(key, why)
     sd = {k: v for k, v in sd.items() if k not in dropped}
+
+    if not target.segmentation_parts:
+        parts = [k for pattern in _SEGMENTATION_PARTS for k in _matching(sd, pattern)]
+        if parts:  # dropped, the written encoder would compute something else; kept, the host would refuse them
+            raise CheckpointError(f"{source.path} ({source.format}) holds a segmentation backbone's own parts ("
+                                  + ", ".join(summarize_keys(parts)) + f"), which the {to} layout has no place "
+                                  "for and without which the encoder computes something else: write it --to mmseg")
 
     lacking = [why for pattern, why in target.needs
                if not _matching(sd, pattern) and not (encoder_only and pattern.startswith(DECODER_KEYS))]

@@ -33,7 +33,7 @@ def load_pretrained(net: VisionTransformer, path) -> Tuple[LoadReport, str]:
                         net.patch_embed.img_size)
     global_pool = not isinstance(net.fc_norm, torch.nn.Identity)
     new = list(NEW_KEYS)
-    if "cls_token" not in state_dict:  # detectron2's ViT has no cls token: a converted encoder or a ViTDet detector
+    if checkpoint.format == "detectron2":  # its ViT has no cls token: a converted encoder or a ViTDet detector
         if not global_pool:
             # Refused rather than started afresh: the head would read a token pretraining never shaped (which
             # linear probing, the encoder frozen, would never train either), through a final norm they lack too.

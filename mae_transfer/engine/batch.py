@@ -20,7 +20,7 @@ def resolve_accum_iter(batch_size: int, world_size: int, *, accum_iter: Optional
     if rest or accum < 1:
         raise ValueError(f"--effective_batch_size {effective_batch_size} is not a multiple of batch_size x "
                          f"processes = {batch_size} x {world_size}; change --batch_size or --effective_batch_size "
-                         "(a preset's --accum_iter N replaces its effective batch)")
+                         "(an explicit --accum_iter N replaces a preset's effective batch)")
     if accum_iter is not None and accum_iter != accum:
         raise ValueError(f"--accum_iter {accum_iter} contradicts --effective_batch_size {effective_batch_size} with "
                          f"batch_size {batch_size} on {world_size} processes (needs {accum}); give only one of them")

@@ -101,8 +101,9 @@ def open_run_log(args: argparse.Namespace, plan: BatchPlan, precision: Precision
     """A run's log as the MAE reference lays it out (log.jsonl in --output_dir, TensorBoard in --log_dir, else
     --output_dir), opened by the main process with its run record: first, and again at every resumption."""
     log = RunLog(Path(args.output_dir) / "log.jsonl", Path(args.log_dir or args.output_dir), enabled=dist.is_main)
-    log.write("run", args.start_epoch * plan.iters_per_epoch,
-              _run_record(args, plan, precision, dist, resumed_from=resumed_from))
+    if log.enabled:  # the record asks git and the hardware: not on every rank of a large job
+        log.write("run", args.start_epoch * plan.iters_per_epoch,
+                  _run_record(args, plan, precision, dist, resumed_from=resumed_from))
     return log
 
 

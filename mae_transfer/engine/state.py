@@ -88,12 +88,12 @@ def save_epoch(args: argparse.Namespace, epoch: int, result: EpochResult, *, ite
 
 
 def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-               recipe: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+               expected: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Restore a state saved by `save_state` into the given objects and this process's RNGs.
 
-    `recipe`: this run's values of the flags that define the model and what it learns. A state saved with other
-    values is refused, naming them: a decoder with other head counts or other targets would load into tensors of the
-    same shapes and silently train something else.
+    `expected`: this run's values of the settings that define the model and what it learns. A state saved with
+    other values is refused, naming them: a decoder with other head counts or other targets would load into tensors
+    of the same shapes and silently train something else. (A setting the state left unrecorded is not compared.)
 
     Returns the state (its 'epoch', 'iteration' and 'args' tell the caller where to continue). RNG states are
     restored per rank when the world size is unchanged; otherwise generators keep their fresh seeds.
@@ -107,11 +107,11 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
         raise CheckpointError(f"{path}: not a training state saved by mae-transfer (missing {', '.join(missing)})"
                               + written_by)
     saved = state.get("args", {})
-    changed = [k for k, v in (recipe or {}).items() if k in saved and saved[k] != v]
+    changed = [k for k, v in (expected or {}).items() if saved.get(k) is not None and saved[k] != v]
     if changed:
         raise CheckpointError(
-            f"{path} was saved by a run with {_flags(saved, changed)}; this run has {_flags(recipe, changed)}. "
-            "Resume with the flags (or --preset) the run was started with.")
+            f"{path} was saved by a run with {_settings(saved, changed)}; this run has "
+            f"{_settings(expected, changed)}. Resume with the flags (or --preset) the run was started with.")
 
     def mismatch(what: str, flags: Sequence[str], err: Exception) -> CheckpointError:
         given = " ".join(f"--{k} {saved[k]}" for k in flags if saved.get(k) is not None)
@@ -132,8 +132,8 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     return state
 
 
-def _flags(values: Dict[str, Any], keys: Sequence[str]) -> str:
-    return ", ".join(f"--{k} {values[k]}" for k in keys)
+def _settings(values: Dict[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={values[k]}" for k in keys)
 
 
 def latest_checkpoint(path: Path) -> Optional[Path]:
@@ -173,14 +173,14 @@ def resume(args: argparse.Namespace, *, model: nn.Module, optimizer: torch.optim
             print(f"--resume {args.resume}: no checkpoint there yet; starting from scratch")
         return None
     state = load_state(checkpoint, model=model, optimizer=optimizer, precision=precision,
-                       recipe={k: getattr(args, k) for k in recipe})
+                       expected={k: getattr(args, k) for k in recipe})
     args.start_epoch = state["epoch"] + 1
     if is_main_process():
         print(f"resumed from {checkpoint}: epoch {state['epoch']} done, {state['iteration']} iterations")
         saved, now = state.get("args", {}), vars(args)
         changed = [k for k in sorted(saved.keys() & now.keys() - RUN_MECHANICS) if saved[k] != now[k]]
         if changed:
-            print(f"settings changed since that run: {_flags(now, changed)} (were {_flags(saved, changed)})")
+            print(f"settings changed since that run: {_settings(now, changed)} (were {_settings(saved, changed)})")
         if args.start_epoch >= args.epochs:
             print(f"all {args.epochs} epochs were done: nothing to train")
     return checkpoint

@@ -132,9 +132,10 @@ class ViTBackbone(BaseModule):
             if name.endswith("rel_pos_bias.table"):
                 trained_on = _table_grid(table, grid, where=f"{path}: {name}")
                 state_dict[name] = resize_relative_position_table(table, trained_on, grid)
-        # detectron2's ViT has no cls token (a converted encoder, a ViTDet detector): the backbone's starts at its
-        # initialisation, as only an attention slot here (no head reads it), and trains with the rest.
-        return load_into(self.vit, state_dict, new=["blocks.*.rel_pos_bias.table", "blocks.*.ls?.gamma", "cls_token"],
+        new = ["blocks.*.rel_pos_bias.table", "blocks.*.ls?.gamma"]
+        if ckpt.format == "detectron2":  # its ViT has no cls token (a converted encoder, a ViTDet detector): ours
+            new.append("cls_token")      # starts at its initialisation, an attention slot no head reads
+        return load_into(self.vit, state_dict, new=new,
                          dropped=["norm.*", *(k + "*" for k in DECODER_KEYS + HEAD_KEYS)], source=str(path))
 
 

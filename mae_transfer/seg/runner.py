@@ -69,7 +69,10 @@ class ClassCountCheckHook(Hook):
 
 def _check_num_classes(runner: Runner, dataloader: str) -> None:
     dataset = getattr(runner, dataloader).dataset
-    count = len(dataset.metainfo["classes"])
+    classes = dataset.metainfo.get("classes")
+    if classes is None:  # a dataset that names no classes: nothing to check against
+        return
+    count = len(classes)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     wrong = {f"model.{name}.num_classes": head.num_classes for name, head in model.named_modules()
              if isinstance(head, BaseDecodeHead) and head.num_classes != count}

@@ -202,7 +202,7 @@ def parse_checkpoint(path, obj: Any, meta: Dict[str, Any]) -> Checkpoint:
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     canonical = fmt.to_canonical(tensors)
     set_aside = sum(v.numel() for v in tensors.values()) - sum(v.numel() for v in canonical.values())
-    return Checkpoint(path, fmt.name, canonical, meta or _recorded_settings(extras.get("args"), canonical), extras,
+    return Checkpoint(path, fmt.name, canonical, _recorded_settings(extras.get("args"), canonical), extras,
                       set_aside=max(set_aside, 0))
 
 
