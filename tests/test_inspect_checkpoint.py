@@ -51,6 +51,7 @@ def test_a_reference_training_checkpoint(tmp_path, capsys):
     assert "ViT width 192, depth 2, heads 3 (standard for this width), patch 8, image 32 (4x4 patches)" in text
     assert "  decoder       width 128, depth 2, heads 4" in text
     assert "optimizer state yes, epoch 799" in text
+    assert "  settings      decoder_num_heads=4, model=mae_vit_tiny_patch16" in text  # its flags, and their heads
     assert "  builds with   create_model('mae_vit_tiny_patch16', depth=2, patch_size=8, img_size=32)" in text
     assert f"  parameters    {numel(sd) / 1e6:.2f}M in {len(sd)} tensors" in text
 

@@ -119,8 +119,9 @@ def render(info: Dict[str, Any]) -> str:
                                     f"model loading (train_det.py, test_seg.py) takes them, conversion leaves them"))
     rows.append(("dtype", ", ".join(f"{d} ({n} tensors)" if len(info["dtypes"]) > 1 else d
                                     for d, n in info["dtypes"].items())))
-    if info["meta"]:
-        rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in sorted(info["meta"].items()))))
+    if info["meta"]:  # a training checkpoint's: the flags of the run that saved it
+        rows.append(("settings" if "args" in info["other_entries"] else "metadata",
+                     ", ".join(f"{k}={v}" for k, v in sorted(info["meta"].items()))))
     return "\n".join([info["path"]] + [f"  {name:<14}{text}" for name, text in rows])
 
 
