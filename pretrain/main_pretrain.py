@@ -24,9 +24,9 @@ from mae_transfer.checkpoints import atomic_path, save_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform, whole_images
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, RunLog, adamw, add_batch_flags,
                                  add_precision_flags, add_run_flags, data_parallel, distributed_run,
-                                 exit_on_non_finite, open_run_log, param_groups, positive_int, preset_defaults,
-                                 resume, save_epoch, scaled_lr, seed_everything, train_one_epoch, training_loader,
-                                 warmup_cosine)
+                                 exit_on_input_error, exit_on_non_finite, open_run_log, param_groups, positive_int,
+                                 preset_defaults, resume, save_epoch, scaled_lr, seed_everything, train_one_epoch,
+                                 training_loader, warmup_cosine)
 from mae_transfer.models import MASKING_STRATEGIES, MODELS, MaskedAutoencoderViT, create_model, masking_noise
 from mae_transfer.visualization import reconstruction_picture
 from presets import PRESETS
@@ -231,4 +231,5 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with exit_on_input_error():
+        main(parse_args())

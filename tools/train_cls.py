@@ -33,9 +33,10 @@ from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESET
                               evaluate, load_pretrained, resolve_mode)
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, add_batch_flags, add_precision_flags,
-                                 add_run_flags, data_parallel, distributed_run, exit_on_non_finite, latest_checkpoint,
-                                 open_run_log, positive_int, preset_defaults, resume, save_epoch, scaled_lr,
-                                 seed_everything, train_one_epoch, training_loader, warmup_cosine)
+                                 add_run_flags, data_parallel, distributed_run, exit_on_input_error,
+                                 exit_on_non_finite, latest_checkpoint, open_run_log, positive_int, preset_defaults,
+                                 resume, save_epoch, scaled_lr, seed_everything, train_one_epoch, training_loader,
+                                 warmup_cosine)
 
 # What a resumed run must share with its checkpoint's run: the model and its task (engine.resume).
 RECIPE = ("model", "input_size", "nb_classes", "mode", "partial_blocks", "global_pool", "dataset")
@@ -377,4 +378,5 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with exit_on_input_error():
+        main(parse_args())

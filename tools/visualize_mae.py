@@ -20,7 +20,7 @@ from PIL import Image
 
 from mae_transfer.checkpoints import Checkpoint, CheckpointError, load_into, read_checkpoint
 from mae_transfer.data.images import list_images, whole_images
-from mae_transfer.engine import positive_int
+from mae_transfer.engine import exit_on_input_error, positive_int
 from mae_transfer.models import MASKING_STRATEGIES, MaskedAutoencoderViT
 from mae_transfer.visualization import reconstruction_picture
 
@@ -82,4 +82,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_input_error():
+        main()

@@ -2,11 +2,28 @@
 with the MAE reference's names and meanings (its main_pretrain.py, main_finetune.py and main_linprobe.py each
 repeat them)."""
 import argparse
-from typing import Any, Dict, Mapping
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Mapping
 
+from ..checkpoints import CheckpointError
+from ..data.classification import DatasetFormatError
 from .amp import AMP_MODES
 
-__all__ = ["add_batch_flags", "add_precision_flags", "add_run_flags", "positive_int", "preset_defaults"]
+__all__ = ["INPUT_ERRORS", "add_batch_flags", "add_precision_flags", "add_run_flags", "exit_on_input_error",
+           "positive_int", "preset_defaults"]
+
+# What a command given a wrong path, an unreadable or unsafe checkpoint or a malformed dataset raises. Every such
+# message names the file (or flag), so the user needs that line alone, as with argparse's own errors.
+INPUT_ERRORS = (CheckpointError, DatasetFormatError, FileNotFoundError, NotADirectoryError)
+
+
+@contextmanager
+def exit_on_input_error() -> Iterator[None]:
+    """Around a script's main: an input error ends the command with its message and exit status 1, no traceback."""
+    try:
+        yield
+    except INPUT_ERRORS as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def positive_int(text: str) -> int:
