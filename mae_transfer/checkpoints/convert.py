@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from .formats import FORMATS, HEAD_KEYS, LINPROBE_HEAD, Checkpoint
+from .formats import FORMATS, HEAD_KEYS, LINPROBE_BN_EPS, LINPROBE_HEAD, Checkpoint
 from .formats import hf
 from .io import CheckpointError, atomic_directory, atomic_path
 from .load import summarize_keys
@@ -158,11 +158,6 @@ def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[i
             changes.append(f"decoder_pos_embed {tuple(table.shape)} -> {tuple(out['decoder_pos_embed'].shape)}: "
                            f"{how}")
     return out, changes
-
-
-# The linear probe's BatchNorm1d eps (ours, mae_transfer/cls/model.py, and the reference's main_linprobe); the
-# file does not record it.
-LINPROBE_BN_EPS = 1e-6
 
 
 def fold_linprobe_head(sd: StateDict, path) -> Tuple[StateDict, str]:

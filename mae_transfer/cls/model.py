@@ -15,6 +15,7 @@ from typing import List
 from torch import nn
 from timm.layers import trunc_normal_
 
+from ..checkpoints.formats import LINPROBE_BN_EPS
 from ..models import MODELS, VisionTransformer, create_model
 
 __all__ = ["MODES", "ENCODERS", "build_classifier", "resolve_mode", "set_trainable", "trainable_names"]
@@ -52,7 +53,7 @@ def build_classifier(model: str, num_classes: int, *, mode: str = "finetune", gl
     trunc_normal_(linear.weight, std=LINPROBE_HEAD_STD if mode == "linprobe" else FINETUNE_HEAD_STD)
     nn.init.zeros_(linear.bias)
     if mode == "linprobe":
-        net.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+        net.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=LINPROBE_BN_EPS), linear)
     set_trainable(net, mode, partial_blocks)
     return net
 

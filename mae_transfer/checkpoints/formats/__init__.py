@@ -17,11 +17,12 @@ from ...models.pos_embed import fit_pos_embed, pos_embed_grid
 from ...models.vit import ARCHS, arch_from_width
 
 __all__ = ["Format", "FORMATS", "register", "Checkpoint", "parse_checkpoint", "read_checkpoint", "detect_format",
-           "HEAD_KEYS", "LINPROBE_HEAD"]
+           "HEAD_KEYS", "LINPROBE_HEAD", "LINPROBE_BN_EPS"]
 
 StateDict = Dict[str, torch.Tensor]
 HEAD_KEYS = ("head.", "fc_norm.")
 LINPROBE_HEAD = "head.1.weight"  # the Linear after a linear probe's BatchNorm1d(affine=False) (head.0)
+LINPROBE_BN_EPS = 1e-6  # that BatchNorm's eps (the reference's main_linprobe); files do not record it
 
 
 def _identity(sd: StateDict) -> StateDict:
