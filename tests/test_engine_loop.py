@@ -91,6 +91,33 @@ def test_non_finite_loss_names_its_step_even_between_logging_steps():
     assert err.value.iteration == 5 and math.isnan(err.value.value)
 
 
+def _diverge_on_one_rank(rank: int, init_file: str, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model, x, y = _regression()
+        batches = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 16, 2)]
+        if rank == 1:  # only this process's loss at step 5 is NaN
+            batches[5] = (batches[5][0], torch.full_like(batches[5][1], math.nan))
+        try:
+            _train(model, batches, accum_iter=1, batch_size=2, log_every=4, sgd=True)
+        except NonFiniteLossError as err:
+            results[rank] = (err.iteration, err.value, str(err))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_loss_non_finite_on_one_process_stops_every_process_naming_it(tmp_path):
+    """Rank 0's own loss at step 5 is finite; both processes stop there and report the run's loss, which is not."""
+    with torch.multiprocessing.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.spawn(_diverge_on_one_rank, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
+        results = dict(results)
+    assert sorted(results) == [0, 1]
+    for iteration, value, message in results.values():
+        assert iteration == 5 and math.isnan(value)
+        assert message.startswith("loss is nan at step 5 (epoch 0, iteration 5)")
+
+
 def test_non_finite_weights_after_the_last_update_of_an_epoch_stop_the_run():
     """A finite loss whose gradient is not (torch.where's gradient through the unselected sqrt of a negative number
     is NaN): the epoch's last update spoils the weights, and no later loss would show it before the checkpoint."""

@@ -131,7 +131,8 @@ def train_one_epoch(model: nn.Module, step_fn: StepFn, loader: Iterable, optimiz
             first_bad = all_reduce(first_bad, ReduceOp.MIN).item()
             if math.isfinite(first_bad):
                 bad = int(first_bad)
-                value = pending[bad - pending_start].item() if bad - pending_start < len(pending) else math.nan
+                # This process's loss at that step may be finite; their mean, the loss the run logs, is not.
+                value = (all_reduce(pending[bad - pending_start].double()) / world).item()
                 bar.close()
                 raise NonFiniteLossError(bad, epoch, bad - first, value)
             window_loss = (totals[0] / totals[1]).item()
