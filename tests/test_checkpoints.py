@@ -12,7 +12,8 @@ import torch
 
 import mae_transfer.checkpoints.io as ckpt_io
 from mae_transfer.checkpoints import (CheckpointError, atomic_directory, atomic_path, load_into, read_checkpoint,
-                                      read_file, save_checkpoint, save_training_state, load_training_state)
+                                      read_file, save_checkpoint, save_training_state, load_training_state,
+                                      summarize_keys)
 from mae_transfer.checkpoints.convert import convert, write
 from mae_transfer.models import MaskedAutoencoderViT, vit_tiny_patch16
 
@@ -326,6 +327,12 @@ def test_training_state_roundtrip(tmp_path):
     state = {"epoch": 3, "model": {"w": torch.arange(4.0)}, "rng": torch.get_rng_state(), "lr": [0.1, 0.2]}
     loaded = load_training_state(save_training_state(tmp_path / "state.pth", state))
     assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
+def test_key_summaries_name_exactly_the_blocks_listed():
+    keys = [f"blocks.{i}.attn.proj.bias" for i in (9, 3, 0, 1, 2, 3)] + ["decoder_blocks.4.norm1.weight", "cls_token"]
+    assert summarize_keys(keys) == ["blocks.{0..3,9}.attn.proj.bias", "cls_token", "decoder_blocks.{4}.norm1.weight"]
+    assert summarize_keys(["blocks.3.mlp.fc1.weight", "blocks.9.mlp.fc1.weight"]) == ["blocks.{3,9}.mlp.fc1.weight"]
 
 
 def test_load_into_reports_and_rejects():

@@ -12,20 +12,27 @@ from .io import CheckpointError
 __all__ = ["LoadReport", "load_into", "other_class_count", "summarize_keys"]
 
 
+def _index_runs(indices: Iterable[int]) -> str:
+    """0, 1, 2, 3, 7, 9, 10 -> '0..3,7,9..10'."""
+    runs: List[List[int]] = []
+    for i in sorted(set(indices)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
 def summarize_keys(keys: Iterable[str]) -> List[str]:
-    """Collapse numbered module indices: 12 x 'blocks.N.norm1.weight' -> 'blocks.{0..11}.norm1.weight'."""
+    """Collapse numbered module indices: 12 x 'blocks.N.norm1.weight' -> 'blocks.{0..11}.norm1.weight'; blocks 3
+    and 9 only -> 'blocks.{3,9}.norm1.weight'."""
     groups: Dict[str, List[int]] = {}
     for k in keys:
         m = re.search(r"\.(\d+)\.", k)
         pattern = k if m is None else k[:m.start()] + ".{}." + k[m.end():]
         groups.setdefault(pattern, []).append(int(m.group(1)) if m else -1)
-    out = []
-    for pattern, idx in groups.items():
-        if "{}" in pattern:
-            rng = f"{min(idx)}" if len(idx) == 1 else f"{min(idx)}..{max(idx)}"
-            pattern = pattern.replace("{}", "{" + rng + "}")
-        out.append(pattern)
-    return sorted(out)
+    return sorted(pattern.replace("{}", "{" + _index_runs(idx) + "}") if "{}" in pattern else pattern
+                  for pattern, idx in groups.items())
 
 
 @dataclass
