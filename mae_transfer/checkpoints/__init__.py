@@ -7,7 +7,7 @@ import torch
 from .formats import FORMATS, Checkpoint, Format, detect_format, parse_checkpoint, read_checkpoint, register
 from .io import (CheckpointError, atomic_directory, atomic_path, load_training_state, read_file,
                  save_training_state, save_weights)
-from .load import LoadReport, load_into, other_class_count, summarize_keys
+from .load import LoadReport, load_into, load_whole_model, summarize_keys
 
 
 def save_checkpoint(path, state_dict: Dict[str, torch.Tensor], meta: Dict[str, Any] = None) -> Path:
@@ -16,5 +16,5 @@ def save_checkpoint(path, state_dict: Dict[str, torch.Tensor], meta: Dict[str, A
 
 
 __all__ = ["FORMATS", "Checkpoint", "CheckpointError", "Format", "LoadReport", "atomic_directory", "atomic_path",
-           "detect_format", "load_into", "load_training_state", "other_class_count", "parse_checkpoint",
+           "detect_format", "load_into", "load_training_state", "load_whole_model", "parse_checkpoint",
            "read_checkpoint", "read_file", "register", "save_checkpoint", "save_training_state", "summarize_keys"]

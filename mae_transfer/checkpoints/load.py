@@ -2,14 +2,14 @@
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .io import CheckpointError
 
-__all__ = ["LoadReport", "load_into", "other_class_count", "summarize_keys"]
+__all__ = ["LoadReport", "load_into", "load_whole_model", "summarize_keys"]
 
 
 def _index_runs(indices: Iterable[int]) -> str:
@@ -90,11 +90,17 @@ def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, new: Seq
     return LoadReport(loaded=[k for k in state_dict if k in model_sd], new=missing, dropped=unexpected, source=source)
 
 
-def other_class_count(state_dict: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor],
-                      class_specific: Sequence[str]) -> List[str]:
-    """The checkpoint's class-specific tensors (glob patterns `class_specific`) whose shapes differ from the model's in
-    the class dimension (the first) alone: those of a model trained for another number of classes, which a
-    detector or segmentor initialised from it trains afresh (as detectron2 and mmengine skip any mis-shaped tensor;
-    here only these)."""
-    return [k for k, v in state_dict.items() if k in model_sd and _matches(k, class_specific)
-            and v.shape != model_sd[k].shape and v.shape[1:] == model_sd[k].shape[1:]]
+def load_whole_model(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, source: str,
+                     class_specific: Sequence[str] = (), warn: Callable[[str], None] = print) -> LoadReport:
+    """Load a whole model (a detector, a segmentor) exactly, except that the class-specific tensors (glob patterns
+    `class_specific`) of one trained for another number of classes (ADE20K's 150 -> yours: shapes differing in the
+    first, class dimension alone) are left at the model's initialisation, with a warning: detectron2 and mmengine
+    skip any mis-shaped tensor when fine-tuning from a whole model; here only these, the rest is refused."""
+    model_sd = model.state_dict()
+    afresh = [k for k, v in state_dict.items() if k in model_sd and _matches(k, class_specific)
+              and v.shape != model_sd[k].shape and v.shape[1:] == model_sd[k].shape[1:]]
+    if afresh:
+        warn(f"{source} was trained for another number of classes: its class-specific tensors are not loaded "
+             f"({', '.join(afresh)})")
+    return load_into(model, {k: v for k, v in state_dict.items() if k not in afresh}, new=afresh, dropped=(),
+                     source=source)

@@ -23,7 +23,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from ..checkpoints import (Checkpoint, CheckpointError, LoadReport, atomic_path, load_into, other_class_count,
+from ..checkpoints import (Checkpoint, CheckpointError, LoadReport, atomic_path, load_into, load_whole_model,
                            parse_checkpoint, read_checkpoint, read_file, save_training_state)
 from ..checkpoints.formats.detectron2 import PREFIX, detectron2_name
 from ..models import arch_from_width, fit_pos_embed, interpolate_patch_embed, pos_embed_grid
@@ -163,12 +163,9 @@ class ViTDetCheckpointer(DetectionCheckpointer):
         if self.loaded_encoder:
             report = load_encoder(self.model, state)
         else:
-            afresh = other_class_count(state, self.model.state_dict(), CLASS_SPECIFIC) if self.new_classes else []
-            if afresh:
-                self.logger.warning(f"{self.loaded} was trained for another number of classes: its class-specific "
-                                    f"predictors are not loaded ({', '.join(afresh)})")
-            report = load_into(self.model, {k: v for k, v in state.items() if k not in afresh}, new=afresh,
-                               dropped=(), source=f"detector checkpoint {self.loaded}")
+            report = load_whole_model(self.model, state, source=f"detector checkpoint {self.loaded}",
+                                      class_specific=CLASS_SPECIFIC if self.new_classes else (),
+                                      warn=self.logger.warning)
         self.logger.info(str(report))
         return None  # load_into refused any missing, unexpected or mis-shaped tensor: nothing left to warn about
 

@@ -14,13 +14,14 @@ says what was loaded. Two layouts are read:
 An encoder checkpoint (no decode head) is refused as such: it starts a segmentor as model.pretrained instead.
 """
 import logging
+from functools import partial
 from typing import Any, Dict
 
 import torch
 from mmengine.logging import print_log
 from torch import nn
 
-from ..checkpoints import CheckpointError, LoadReport, load_into, other_class_count, parse_checkpoint
+from ..checkpoints import CheckpointError, LoadReport, load_whole_model, parse_checkpoint
 from ..checkpoints.formats import FORMATS
 from ..checkpoints.formats.mmseg import SEGMENTOR_PREFIX
 
@@ -64,9 +65,5 @@ def load_segmentor(model: nn.Module, checkpoint: Any, source: str, *, new_classe
     our configs. new_classes: one trained for another number of classes (ADE20K's 150 -> yours) initialises all
     but its classifiers, which keep the model's initialisation; anything else that does not fit is refused."""
     state = segmentor_state_dict(checkpoint, source)
-    afresh = other_class_count(state, model.state_dict(), CLASS_SPECIFIC) if new_classes else []
-    if afresh:
-        print_log(f"{source} was trained for another number of classes: its classifiers are not loaded "
-                  f"({', '.join(afresh)})", logger="current", level=logging.WARNING)
-    return load_into(model, {k: v for k, v in state.items() if k not in afresh}, new=afresh, dropped=(),
-                     source=source)
+    return load_whole_model(model, state, source=source, class_specific=CLASS_SPECIFIC if new_classes else (),
+                            warn=partial(print_log, logger="current", level=logging.WARNING))
