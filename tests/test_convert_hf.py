@@ -25,10 +25,13 @@ def hf_tiny_config(**kw) -> ViTMAEConfig:
                                   norm_pix_loss=True), **kw})
 
 
-def test_transformers_builds_our_model_from_the_converted_directory(tmp_path):
+def test_transformers_builds_our_model_from_the_converted_directory(tmp_path, capsys):
     ours = tiny_mae(norm_pix_loss=True)
     src = save_checkpoint(tmp_path / "ours.safetensors", ours.state_dict(), META)
     assert convert_tool.main([str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    # Every config field the source does not record is named (META records the others).
+    assert "assumed (not recorded in the source; edit the written config if the model differs): " \
+           "layer_norm_eps=1e-06\n" in capsys.readouterr().out
     assert listing(tmp_path) == ["hf", "ours.safetensors"] and listing(tmp_path / "hf") == ["config.json",
                                                                                              "model.safetensors"]
 

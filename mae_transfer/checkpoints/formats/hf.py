@@ -156,7 +156,7 @@ def hf_config(ckpt: Checkpoint) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         num_attention_heads=recorded("num_heads", arch["num_heads"]),
         intermediate_size=ckpt.tensor("blocks.0.mlp.fc1.weight").shape[0], hidden_act="gelu", hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, initializer_range=0.02,
-        layer_norm_eps=float(meta.get("layer_norm_eps", 1e-6)), image_size=arch["img_size"],
+        layer_norm_eps=float(recorded("layer_norm_eps", meta.get("layer_norm_eps", 1e-6))), image_size=arch["img_size"],
         patch_size=arch["patch_size"], num_channels=arch["in_chans"], qkv_bias="blocks.0.attn.qkv.bias" in sd,
         mask_ratio=float(recorded("mask_ratio", meta.get("mask_ratio", 0.75))),
         norm_pix_loss=bool(recorded("norm_pix_loss", meta.get("norm_pix_loss", False))),
