@@ -1,5 +1,6 @@
 """tools/convert_checkpoint.py: exact round trips through every output format, timm as a peer loader, and
 resizing for another image or patch size."""
+import re
 import subprocess
 import sys
 
@@ -257,3 +258,21 @@ def test_image_resizing_matches_transformers_interpolation_and_recomputes_the_de
     with torch.no_grad():
         before, after = mae.forward_features(x), again.forward_features(x)
     assert (after - before).norm() / before.norm() < 0.01  # 0.7 with no position embedding at all
+
+
+def test_a_table_for_a_non_square_grid_is_converted_as_it_is_and_never_resized(tmp_path, capsys):
+    """A segmentation backbone trained on 32 x 48 crops: a cls row over 2 x 3 patches, 7 rows, which hold no square
+    grid. Once this table was read as a 2 x 2 grid under 3 prefix rows and 'resized' into garbage."""
+    vit = vit_tiny_patch16(img_size=(32, 48), depth=2)
+    src = save_checkpoint(tmp_path / "crops.safetensors", vit.state_dict(), {"num_heads": 3})
+    assert read_checkpoint(src).arch()["img_size"] is None
+    convert(src, tmp_path / "timm.safetensors", "--to", "timm")  # no resizing asked: every tensor as it is
+    assert "a non-square patch grid" in capsys.readouterr().out
+    written = read_checkpoint(tmp_path / "timm.safetensors").state_dict
+    assert all(torch.equal(written[k], v) for k, v in vit.state_dict().items())
+    for argv, refusal in ((["--to", "mae", "--img-size", "64"], r"--img-size / --patch-size: pos_embed \(1, 7, 192\) "
+                                                                 r"is not 0 or 1 prefix row\(s\) plus a square grid"),
+                          (["--to", "hf", "--encoder-only"], r"position embedding \(1, 7, 192\) is no square grid")):
+        assert convert_tool.main([str(src), str(tmp_path / DST[argv[1]]), *argv]) == 1
+        assert re.search(refusal, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crops.safetensors", "timm.safetensors"]

@@ -145,6 +145,13 @@ def test_position_grid_is_resized_and_14px_patches_resampled_to_16(detector_cfg,
     assert "backbone.net.pos_embed" in report.loaded
 
 
+def test_a_position_table_of_a_non_square_grid_is_refused_not_resized(detector_cfg, tmp_path):
+    encoder = vit_tiny_patch16(img_size=(32, 48), depth=DEPTH).state_dict()  # 2 x 3 patches: no square to resize
+    path = _save_reference(tmp_path / "crops.pth", encoder)
+    with pytest.raises(CheckpointError, match=r"crops.pth: pos_embed \(1, 7, 192\) is not 0 or 1 prefix row"):
+        load_encoder(instantiate(detector_cfg.model), read_checkpoint(path))
+
+
 def test_checkpoint_of_another_width_is_refused_by_name(detector_cfg, tmp_path):
     encoder = vit_small_patch16(img_size=64, depth=DEPTH).state_dict()
     path = _save_reference(tmp_path / "mae_pretrain_vit_small.pth", encoder)

@@ -129,3 +129,10 @@ def test_a_detector_reports_the_parameters_outside_its_vit(tmp_path, capsys):
     assert info["format"] == "detectron2" and info["parameters"]["total"] == numel(vit)
     assert info["set_aside_parameters"] == numel(detector) - numel(vit) > 0
     assert "more parameters (a detector's pyramid and heads" in inspect(capsys, path)
+
+
+def test_a_non_square_position_table_is_shown_as_such(tmp_path, capsys):
+    vit = vit_tiny_patch16(img_size=(32, 48), depth=2)  # a cls row over 2 x 3 patches: 7 rows
+    out = inspect(capsys, save_checkpoint(tmp_path / "crops.safetensors", vit.state_dict(), {"num_heads": 3}))
+    assert "patch 16, image size unknown (a position table for a non-square patch grid)" in out
+    assert "builds with" not in out  # no create_model call can say which grid

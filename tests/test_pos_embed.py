@@ -40,11 +40,13 @@ def test_resize_keeps_cls_and_matches_bicubic_by_hand():
 
 
 def test_grid_and_prefix_read_off_the_row_count():
-    # 14 x 14 patches (ViT-B/16 at 224) with and without the cls row; 2 prefix rows over 4 x 4; 7 x 7 told 1 prefix.
+    # 14 x 14 patches (ViT-B/16 at 224) with and without the cls row; 7 x 7 told 1 prefix.
     assert pos_embed_grid(torch.zeros(1, 197, 8)) == (14, 1)
     assert pos_embed_grid(torch.zeros(1, 196, 8)) == (14, 0)
-    assert pos_embed_grid(torch.zeros(1, 18, 8)) == (4, 2)
     assert pos_embed_grid(torch.zeros(1, 50, 8), num_prefix_tokens=1) == (7, 1)
+    # A cls row over 32 x 64 patches (512 x 1024 crops) is no square grid: not 45 x 45 under 24 "prefix" rows.
+    with pytest.raises(ValueError, match=r"pos_embed \(1, 2049, 8\) is not 0 or 1 prefix row\(s\) plus a square"):
+        pos_embed_grid(torch.zeros(1, 1 + 32 * 64, 8))
     with pytest.raises(ValueError, match=r"pos_embed \(1, 196, 8\) is not 1 prefix row\(s\) plus a square"):
         pos_embed_grid(torch.zeros(1, 196, 8), num_prefix_tokens=1)
 

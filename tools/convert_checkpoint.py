@@ -44,7 +44,8 @@ def modules(keys: Iterable[str]) -> List[str]:
 
 def describe_arch(ckpt) -> str:
     a = ckpt.arch()
-    text = f"ViT {a['embed_dim']} wide, {a['depth']} deep, patch {a['patch_size']}, {a['img_size']} px"
+    size = f"{a['img_size']} px" if a["img_size"] else "a non-square patch grid"
+    text = f"ViT {a['embed_dim']} wide, {a['depth']} deep, patch {a['patch_size']}, {size}"
     if "decoder_embed_dim" in a:
         text += f"; decoder {a['decoder_embed_dim']} wide, {a['decoder_depth']} deep"
     return text

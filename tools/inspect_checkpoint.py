@@ -29,7 +29,8 @@ def builder(ckpt: Checkpoint, arch: Dict[str, Any]) -> Optional[str]:
     size = arch_from_width(arch["embed_dim"])
     prefix = "mae_" if ckpt.has_decoder else ""
     name = next((n for n in MODELS if n.startswith(f"{prefix}vit_{size}_patch")), None)
-    if name is None or arch["num_heads"] is None or (ckpt.has_decoder and ckpt.decoder_num_heads is None):
+    if (name is None or arch["num_heads"] is None or arch["img_size"] is None
+            or (ckpt.has_decoder and ckpt.decoder_num_heads is None)):
         return None
     defaults = {**ARCHS[size], "patch_size": int(name.rsplit("patch", 1)[1]), "img_size": 224, "mlp_ratio": 4.0,
                 **(DECODERS[size] if ckpt.has_decoder else {})}
@@ -91,10 +92,12 @@ def render(info: Dict[str, Any]) -> str:
         rows.append(("architecture", info["error"]))
     else:
         heads = a["num_heads"] if a["num_heads"] is not None else "?"
+        side = a["img_size"] // a["patch_size"] if a["img_size"] else None
+        image = (f"image {a['img_size']} ({side}x{side} patches)" if side else
+                 "image size unknown (a position table for a non-square patch grid)")
         rows.append(("architecture", f"ViT width {a['embed_dim']}, depth {a['depth']}, heads {heads} "
-                                     f"({a['num_heads_source']}), patch {a['patch_size']}, image {a['img_size']} "
-                                     f"({a['img_size'] // a['patch_size']}x{a['img_size'] // a['patch_size']} "
-                                     f"patches), mlp ratio {a['mlp_ratio']:g}, {a['in_chans']} channels"))
+                                     f"({a['num_heads_source']}), patch {a['patch_size']}, {image}, "
+                                     f"mlp ratio {a['mlp_ratio']:g}, {a['in_chans']} channels"))
         if "decoder_embed_dim" in a:
             heads = a["decoder_num_heads"] if a["decoder_num_heads"] is not None else "?"
             rows.append(("decoder", f"width {a['decoder_embed_dim']}, depth {a['decoder_depth']}, heads {heads}"))

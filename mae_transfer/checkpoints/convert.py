@@ -126,7 +126,10 @@ def resize(sd: StateDict, img_size: Optional[int] = None, patch_size: Optional[i
     state dict and one line per tensor changed."""
     weight, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
     patch = weight.shape[-1]
-    grid, prefix = pos_embed_grid(pos)
+    try:
+        grid, prefix = pos_embed_grid(pos)
+    except ValueError as err:
+        raise CheckpointError(f"--img-size / --patch-size: {err}") from None
     new_patch = patch_size or patch
     new_img = img_size or grid * patch
     if new_img % new_patch:

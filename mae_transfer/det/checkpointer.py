@@ -79,7 +79,10 @@ def encoder_to_detectron2(ckpt: Checkpoint, model_sd: Dict[str, torch.Tensor]) -
     pos_key = PREFIX + "pos_embed"
     if pos_key in out and pos_key in model_sd:
         pos = out[pos_key]
-        (old, have_cls), (new, want_cls) = pos_embed_grid(pos), pos_embed_grid(model_sd[pos_key])  # cls row or not
+        try:
+            (old, have_cls), (new, want_cls) = pos_embed_grid(pos), pos_embed_grid(model_sd[pos_key])  # cls row or not
+        except ValueError as err:
+            raise CheckpointError(f"{source}: {err}") from None
         if (old, have_cls) != (new, want_cls):
             grid = fit_pos_embed(pos[:, have_cls:], (new, new), num_prefix_tokens=0)
             # detectron2's ViT only stores the cls row (get_abs_pos drops it), so its value is never used.

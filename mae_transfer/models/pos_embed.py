@@ -47,18 +47,18 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Sequence[int], old_grid:
 
 def pos_embed_grid(pos_embed: torch.Tensor, num_prefix_tokens: Optional[int] = None) -> Tuple[int, int]:
     """(side, prefix rows) of a (1, prefix + side*side, D) table: pretrained grids are square, and a flattened table
-    does not record its grid otherwise. Without `num_prefix_tokens` the prefix is read off the row count as what lies
-    above the largest square, which recognises a cls row (n and n + 1 are never both squares for n > 0).
-    Raises ValueError if the rows are not the prefix plus a square (Checkpoint.pos_embed_for adds the file)."""
+    does not record its grid otherwise. Without `num_prefix_tokens` the prefix is read off the row count: a cls row
+    or none (n and n + 1 are never both squares for n > 0).
+    Raises ValueError if the rows are not the prefix plus a square, e.g. a segmentation backbone's table for
+    non-square crops (Checkpoint.pos_embed_for adds the file)."""
     rows = pos_embed.shape[1]
-    if num_prefix_tokens is None:
-        side = math.isqrt(rows)
-        return side, rows - side * side
-    side = math.isqrt(max(rows - num_prefix_tokens, 0))
-    if side * side != rows - num_prefix_tokens:
-        raise ValueError(f"pos_embed {tuple(pos_embed.shape)} is not {num_prefix_tokens} prefix row(s) plus a square "
-                         f"grid of patches, so its grid is unknown and it cannot be resized")
-    return side, num_prefix_tokens
+    prefixes = (0, 1) if num_prefix_tokens is None else (num_prefix_tokens,)
+    for prefix in prefixes:
+        side = math.isqrt(max(rows - prefix, 0))
+        if side * side == rows - prefix:
+            return side, prefix
+    raise ValueError(f"pos_embed {tuple(pos_embed.shape)} is not {' or '.join(map(str, prefixes))} prefix row(s) plus "
+                     f"a square grid of patches, so its grid is unknown and it cannot be resized")
 
 
 def fit_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int = 1) -> torch.Tensor:

@@ -136,15 +136,21 @@ class Checkpoint:
         return {k: v for k, v in self.state_dict.items() if not k.startswith(DECODER_KEYS + HEAD_KEYS)}
 
     def arch(self) -> Dict[str, Any]:
-        """Architecture read off the tensor shapes (heads from our metadata or the named size of that width)."""
+        """Architecture read off the tensor shapes (heads from our metadata or the named size of that width).
+        img_size is None where the position table is no square grid (a segmentation backbone's, for non-square
+        crops): a flattened table does not say its height and width."""
         sd = self.state_dict
         if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
             raise CheckpointError(f"{self.path}: no ViT encoder found (no patch_embed.proj.weight / pos_embed)")
         width, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
         depth = self._depth("blocks")
-        grid, _ = pos_embed_grid(sd["pos_embed"])  # detectron2's keeps a cls row without a cls_token
+        try:
+            grid, _ = pos_embed_grid(sd["pos_embed"])  # detectron2's keeps a cls row without a cls_token
+        except ValueError:
+            grid = None
         name = arch_from_width(width)
-        arch = dict(embed_dim=width, depth=depth, patch_size=patch, in_chans=in_chans, img_size=grid * patch,
+        arch = dict(embed_dim=width, depth=depth, patch_size=patch, in_chans=in_chans,
+                    img_size=grid * patch if grid else None,
                     num_heads=self.meta.get("num_heads", ARCHS[name]["num_heads"] if name else None),
                     mlp_ratio=self.tensor("blocks.0.mlp.fc1.weight").shape[0] / width)
         if self.has_decoder:

@@ -148,6 +148,9 @@ def hf_config(ckpt: Checkpoint) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         return value
 
     width = arch["embed_dim"]
+    if arch["img_size"] is None:
+        raise CheckpointError(f"cannot write a HuggingFace config: {ckpt.path}'s position embedding "
+                              f"{tuple(sd['pos_embed'].shape)} is no square grid, and ViTMAE's image_size is square")
     if arch["num_heads"] is None:
         raise CheckpointError(f"cannot write a HuggingFace config: the number of attention heads of this {width}-wide "
                               "encoder is not recorded and it is not a standard ViT width")
