@@ -3,7 +3,9 @@ absolute position embedding resized to the input by get_abs_pos) under its Simpl
 
 `ViT` subclasses detectron2's ViT for two reasons only:
 - attention runs through F.scaled_dot_product_attention with the relative positions as an additive bias, so CUDA
-  uses a fused kernel instead of materialising and saving the softmax of every window and global block;
+  runs a fused (memory-efficient) kernel: of the (N x N) tensors of each window and global block only that bias is
+  materialised (and kept for backward), where detectron2's explicit attention builds the logits, the biased logits
+  and the softmax, and keeps the softmax;
 - activation checkpointing uses torch.utils.checkpoint: detectron2's `use_act_checkpoint` imports fairscale, which
   is not part of our stack (and its own source says "TODO: use torch.utils.checkpoint").
 Parameters, names, initialisation and results are detectron2's (tests/test_det_backbone.py compares the two).
