@@ -13,14 +13,13 @@ The metrics go to --json (default WORK_DIR/metrics.json):
     {"config", "checkpoint", "aAcc", "mIoU", "mAcc", "per_class": {class: {"IoU", "Acc"}}}   (percent)
 """
 import argparse
-import json
 import os
 import os.path as osp
 
 from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 
-from mae_transfer.checkpoints import atomic_path
+from mae_transfer.checkpoints import write_json
 from mae_transfer.seg.runner import ExactLoadingRunner, load_config, metrics_report
 
 
@@ -55,8 +54,7 @@ def main(argv=None) -> dict:
               **metrics_report(metrics, runner.test_dataloader.dataset.metainfo["classes"])}
     if is_main_process():
         path = args.json or osp.join(cfg.work_dir, "metrics.json")
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(path, report)
         print(f"mIoU {report['mIoU']:.2f}  mAcc {report['mAcc']:.2f}  aAcc {report['aAcc']:.2f}  -> {path}")
     return report
 

@@ -28,7 +28,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
-from mae_transfer.checkpoints import CheckpointError, atomic_path, load_into, read_checkpoint, save_checkpoint
+from mae_transfer.checkpoints import CheckpointError, load_into, read_checkpoint, save_checkpoint, write_json
 from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESETS, build_classifier, build_optimizer,
                               evaluate, load_pretrained, resolve_mode)
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
@@ -210,11 +210,6 @@ def best_before(log_path: Path, start_epoch: int) -> Dict[str, Any]:
 def unreadable_note(metrics: Dict[str, Any]) -> str:
     count = metrics["unreadable_images"]
     return f" ({count} unreadable val image(s), each counted as the next readable one)" if count else ""
-
-
-def write_json(path: Path, record: Dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:

@@ -6,7 +6,7 @@ import torch
 
 from .formats import FORMATS, Checkpoint, Format, detect_format, parse_checkpoint, read_checkpoint, register
 from .io import (CheckpointError, atomic_directory, atomic_path, load_training_state, read_file,
-                 save_training_state, save_weights)
+                 save_training_state, save_weights, write_json)
 from .load import LoadReport, load_into, load_whole_model, summarize_keys
 
 
@@ -17,4 +17,5 @@ def save_checkpoint(path, state_dict: Dict[str, torch.Tensor], meta: Dict[str, A
 
 __all__ = ["FORMATS", "Checkpoint", "CheckpointError", "Format", "LoadReport", "atomic_directory", "atomic_path",
            "detect_format", "load_into", "load_training_state", "load_whole_model", "parse_checkpoint",
-           "read_checkpoint", "read_file", "register", "save_checkpoint", "save_training_state", "summarize_keys"]
+           "read_checkpoint", "read_file", "register", "save_checkpoint", "save_training_state", "summarize_keys",
+           "write_json"]

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from .array_pickle import ArrayPickleError, read_array_pickle
 
 __all__ = ["CheckpointError", "atomic_directory", "atomic_path", "read_file", "save_weights", "save_training_state",
-           "load_training_state", "METADATA_KEY"]
+           "load_training_state", "write_json", "METADATA_KEY"]
 
 METADATA_KEY = "mae_transfer"
 # Classes the MAE reference pickles into its checkpoints besides tensors ('args' is an argparse.Namespace).
@@ -96,6 +96,13 @@ def atomic_path(path, overwrite: bool = True) -> Iterator[Path]:
         _sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path, record: Any) -> Path:
+    """A results file (metrics, AP, mIoU) as indented JSON, written atomically: a reader never sees half of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return Path(path)
 
 
 @contextmanager

@@ -1,6 +1,5 @@
 """COCO evaluation of a detector (detectron2's inference_on_dataset + COCOEvaluator), reported as one table of box
 and mask AP and written to JSON beside the run."""
-import json
 import logging
 import math
 import os
@@ -12,7 +11,7 @@ from detectron2.utils import comm
 from tabulate import tabulate
 from torch import nn
 
-from ..checkpoints import atomic_path
+from ..checkpoints import write_json
 
 __all__ = ["AP_FILE", "METRICS", "ap_table", "evaluate", "write_ap_json"]
 
@@ -36,8 +35,7 @@ def _finite_or_none(x: float) -> Optional[float]:
 def write_ap_json(results: Mapping[str, Mapping[str, float]], path: str, **info: Any) -> None:
     """Write {'bbox': {AP...}, 'segm': {AP...}, **info} (per-category APs included) atomically."""
     data = {**info, **{task: {k: _finite_or_none(float(v)) for k, v in res.items()} for task, res in results.items()}}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    write_json(path, data)
 
 
 def evaluate(cfg, model: nn.Module, **info: Any) -> Dict[str, Dict[str, float]]:
