@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, list_images, pretrain_transform, to_rgb
+from mae_transfer.data.images import (ImageFolderDataset, WithMaskNoise, list_images, missing_files, pretrain_transform,
+                                      to_rgb)
 from mae_transfer.models import masking_noise
 from pretrain_helpers import make_image_folder
 
@@ -110,3 +111,11 @@ def test_sample_randomness_depends_on_seed_epoch_index_only(tmp_path):
         return [b.input for b in loader]
     for (img0, n0), (img2, n2) in zip(batches(0), batches(2)):  # same data with worker processes
         assert torch.equal(img0, img2) and torch.equal(n0, n2)
+
+
+def test_missing_files_are_found_by_listing_each_folder(tmp_path):
+    make_image_folder(tmp_path / "a", 2)
+    (tmp_path / "plain").write_text("a file, not a folder")
+    paths = [tmp_path / "a" / "001.png", str(tmp_path / "a" / "007.png"), tmp_path / "nowhere" / "000.png",
+             str(tmp_path / "a" / "000.png"), tmp_path / "plain" / "000.png"]
+    assert missing_files(paths) == [1, 2, 4]

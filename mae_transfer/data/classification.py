@@ -15,11 +15,9 @@ built (one directory listing per folder, not one stat per image), so a bad annot
 rather than hours into it; errors name the file and the line or entry.
 """
 import json
-import os
 import random
-from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +25,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment as auto_augment_ops
 
-from .images import ImageFolderDataset
+from .images import ImageFolderDataset, missing_files
 
 __all__ = ["DATASETS", "DatasetFormatError", "ListedImages", "build_dataset", "classification_transform",
            "read_inaturalist", "read_split_list"]
@@ -56,18 +54,8 @@ class ListedImages(ImageFolderDataset):
 
 
 def _check_images_exist(files: Sequence[Path], origins: Sequence[str], limit: int = 5) -> None:
-    by_folder: Dict[Path, List[int]] = defaultdict(list)
-    for i, path in enumerate(files):
-        by_folder[path.parent].append(i)
-    missing: List[int] = []
-    for folder, indices in by_folder.items():
-        try:
-            present = set(os.listdir(folder))
-        except (FileNotFoundError, NotADirectoryError):
-            present = set()
-        missing += [i for i in indices if files[i].name not in present]
+    missing = missing_files(files)
     if missing:
-        missing.sort()
         shown = "\n  ".join(f"{origins[i]}: image not found: {files[i]}" for i in missing[:limit])
         more = f"\n  ... and {len(missing) - limit} more" if len(missing) > limit else ""
         raise DatasetFormatError(f"{len(missing)} listed image(s) do not exist:\n  {shown}{more}")

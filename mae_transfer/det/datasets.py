@@ -14,6 +14,8 @@ from typing import List
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.datasets import register_coco_instances
 
+from ..data.images import missing_files
+
 __all__ = ["check_num_classes", "coco_instances", "register_coco"]
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def coco_instances(name: str, json_file: str, image_root: str, filter_empty: boo
     """
     register_coco(name, json_file, image_root)
     dicts = get_detection_dataset_dicts(name, filter_empty=filter_empty)
-    missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
+    missing = [dicts[i]["file_name"] for i in missing_files([d["file_name"] for d in dicts])]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(f"dataset {name!r}: {len(missing)} of the {len(dicts)} images that {json_file} "

@@ -15,6 +15,8 @@ from PIL import ExifTags, Image
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 
+from ..data.images import missing_files
+
 __all__ = ["ADE20KLayoutDataset"]
 
 _TRANSPOSED = {5, 6, 7, 8}  # orientations that turn the image by 90 degrees
@@ -45,7 +47,8 @@ class ADE20KLayoutDataset(BaseSegDataset):
         data_list = super().load_data_list()
         if not data_list:
             raise FileNotFoundError(f"no '*{self.img_suffix}' images in {img_dir}")
-        missing = [d["img_path"] for d in data_list if "seg_map_path" in d and not osp.isfile(d["seg_map_path"])]
+        labelled = [d for d in data_list if "seg_map_path" in d]
+        missing = [labelled[i]["img_path"] for i in missing_files([d["seg_map_path"] for d in labelled])]
         if missing:
             ann_dir = self.data_prefix.get("seg_map_path")
             raise FileNotFoundError(
