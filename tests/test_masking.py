@@ -18,12 +18,17 @@ def test_masking_with_given_noise_follows_the_formula():
 
 
 @pytest.mark.parametrize("strategy", ["random", "block", "grid"])
-def test_mask_ratio_holds(strategy):
+def test_each_strategy_keeps_the_reference_count_exactly_the_unmasked_patches_and_masks_per_sample(strategy):
+    torch.manual_seed(0)
     x = torch.randn(4, 196, 8)
     noise = masking_noise(strategy, 4, (14, 14), 0.75)
     kept, mask, _ = apply_masking(x, 0.75, noise)
     assert kept.shape == (4, 49, 8)  # int(196 * 0.25), as in the reference
     assert mask.sum(1).tolist() == [147.0] * 4
+    for i in range(4):  # the encoder's tokens are those the mask calls visible
+        assert sorted(map(tuple, kept[i].tolist())) == sorted(map(tuple, x[i][mask[i] == 0].tolist()))
+    # random and block masking draw each sample's mask anew; grid masking is one fixed pattern
+    assert len({tuple(m.tolist()) for m in mask}) == (1 if strategy == "grid" else 4)
 
 
 def test_grid_masking_keeps_one_of_every_2x2():
