@@ -30,6 +30,6 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # Pretraining, then detection, segmentation and classification from MAE and from scratch, on the built-in
-# synthetic world (8-13 min on 2 CPU cores); results in runs/demo/results.md.
+# synthetic world (8-14 min on 2 CPU cores); results in runs/demo/results.md.
 demo: setup
 	$(PY) tools/demo.py --out runs/demo

@@ -172,8 +172,8 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
         loader, plan = training_loader(dataset, dist, batch_size=args.batch_size, seed=args.seed,
                                        num_workers=args.num_workers, pin_mem=args.pin_mem,
                                        accum_iter=args.accum_iter, effective_batch_size=args.effective_batch_size)
-    except ValueError as err:
-        raise SystemExit(f"{dataset.root}: {err}") from None
+    except ValueError as err:  # flags that contradict, or too few images for one step
+        raise SystemExit(f"error: {err}") from None
     if args.lr is None:
         args.lr = scaled_lr(args.blr, plan.effective)
     dist.print(f"data: {len(dataset)} images under {dataset.root}"

@@ -7,7 +7,10 @@ import pytest
 from mae_transfer.checkpoints import CheckpointError
 from mae_transfer.data.classification import DatasetFormatError
 from mae_transfer.engine import exit_on_input_error
-from pretrain_helpers import MAIN, ROOT, make_image_folder, run_tool
+from pretrain_helpers import MAIN, ROOT, make_image_folder, one_thread, run_tool, tiny_flags
+
+sys.path.insert(0, str(ROOT / "pretrain"))
+import main_pretrain  # noqa: E402
 
 
 @pytest.mark.parametrize("error", [CheckpointError("a.pth: refused"), DatasetFormatError("val.json: no 'images'"),
@@ -45,3 +48,14 @@ def test_each_script_reports_its_input_error_in_one_line(tmp_path):
         assert result.returncode == 1, (name, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, (name, result.stderr[-2000:])
         assert result.stderr.strip().splitlines()[-1].startswith(message), (name, result.stderr[-2000:])
+
+
+def test_batch_flags_that_contradict_are_blamed_on_the_flags_and_too_few_images_on_the_folder(tmp_path):
+    make_image_folder(tmp_path / "images", 6)
+    for flags, message in ((dict(effective_batch_size=6), "error: --effective_batch_size 6 is not a multiple of "
+                                                          "batch_size x processes = 4 x 1"),
+                           (dict(accum_iter=2, effective_batch_size=4), "error: --accum_iter 2 contradicts"),
+                           (dict(batch_size=8), f"error: {tmp_path / 'images'}: 6 training images are too few")):
+        with pytest.raises(SystemExit) as exit_info, one_thread():
+            main_pretrain.main(main_pretrain.parse_args(tiny_flags(tmp_path / "images", tmp_path / "out", **flags)))
+        assert str(exit_info.value.code).startswith(message)

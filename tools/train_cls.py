@@ -294,8 +294,8 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
                                              num_workers=args.num_workers, pin_mem=args.pin_mem,
                                              accum_iter=args.accum_iter,
                                              effective_batch_size=args.effective_batch_size)
-    except ValueError as err:
-        raise SystemExit(f"{args.dataset} at {args.data_path}: {err}") from None
+    except ValueError as err:  # flags that contradict, or too few images for one step
+        raise SystemExit(f"error: {err}") from None
     if args.lr is None:
         args.lr = scaled_lr(args.blr, plan.effective)
     dist.print(f"data: {args.dataset} at {args.data_path}: {len(train_set)} train / {len(val_loader.dataset)} val "

@@ -56,6 +56,7 @@ def training_loader(dataset: Dataset, dist: DistInfo, *, batch_size: int, seed: 
                         pin_memory=pin_mem and dist.device.type == "cuda", drop_last=True)
     plan = BatchPlan(batch_size, accum, dist.world_size, iters_per_epoch=len(loader) // accum * accum)
     if plan.iters_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training images are too few for one optimizer step of {batch_size} x "
-                         f"{accum} (accum_iter) x {dist.world_size} (processes)")
+        where = f"{dataset.root}: " if hasattr(dataset, "root") else ""  # an image folder says which
+        raise ValueError(f"{where}{len(dataset)} training images are too few for one optimizer step of {batch_size} "
+                         f"x {accum} (accum_iter) x {dist.world_size} (processes)")
     return loader, plan
