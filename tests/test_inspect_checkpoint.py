@@ -128,7 +128,9 @@ def test_a_detector_reports_the_parameters_outside_its_vit(tmp_path, capsys):
     assert info["architecture"]["depth"] == 2
     assert info["format"] == "detectron2" and info["parameters"]["total"] == numel(vit)
     assert info["set_aside_parameters"] == numel(detector) - numel(vit) > 0
-    assert "more parameters (a detector's pyramid and heads" in inspect(capsys, path)
+    text = inspect(capsys, path)
+    assert "more parameters (a detector's pyramid and heads" in text
+    assert "kind          detector: a whole detector, its ViT read as the encoder" in text
 
 
 def test_a_non_square_position_table_is_shown_as_such(tmp_path, capsys):

@@ -20,6 +20,8 @@ from mae_transfer.models.mae import DECODER_KEYS
 KINDS = {"full": "encoder + MAE decoder (pretraining)", "encoder": "encoder only",
          "finetuned": "encoder + classification head",
          "linprobe": "encoder + linear-probe head (BatchNorm1d without affine, then Linear)"}
+# Formats that hold whole detectors or segmentors: the ViT is read as an encoder and their other parts set aside.
+WHOLE_MODELS = {"detectron2": "detector", "mmseg": "segmentor", "mae_transfer_seg": "segmentor"}
 
 
 def builder(ckpt: Checkpoint, arch: Dict[str, Any]) -> Optional[str]:
@@ -85,8 +87,10 @@ def _millions(n: int) -> str:
 
 
 def render(info: Dict[str, Any]) -> str:
-    rows = [("format", f"{info['format']}: {info['format_summary']}"),
-            ("kind", f"{info['kind']}: {KINDS[info['kind']]}")]
+    kind = f"{info['kind']}: {KINDS[info['kind']]}"
+    if info["kind"] == "encoder" and info["set_aside_parameters"] and info["format"] in WHOLE_MODELS:
+        kind = f"{WHOLE_MODELS[info['format']]}: a whole {WHOLE_MODELS[info['format']]}, its ViT read as the encoder"
+    rows = [("format", f"{info['format']}: {info['format_summary']}"), ("kind", kind)]
     a = info["architecture"]
     if a is None:
         rows.append(("architecture", info["error"]))
@@ -107,8 +111,9 @@ def render(info: Dict[str, Any]) -> str:
             rows.append(("builds with", info["builder"]))
     present = info["present"]
     epoch = present["epoch"]
-    rows.append(("contains", ", ".join(f"{name} {'yes' if present[name] else 'no'}"
-                                       for name in ("encoder", "decoder", "head"))
+    rows.append(("contains", ", ".join(f"{name} {'yes' if present[part] else 'no'}"
+                                       for part, name in (("encoder", "encoder"), ("decoder", "MAE decoder"),
+                                                          ("head", "classifier head")))
                  + f", optimizer state {'yes' if present['optimizer_state'] else 'no'}"
                  + f", epoch {epoch if epoch is not None else 'not recorded'}"))
     if info["other_entries"]:
