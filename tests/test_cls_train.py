@@ -225,6 +225,11 @@ def test_eval_builds_the_classifier_its_checkpoint_records_unless_flags_say_othe
                 "args": argparse.Namespace(model="vit_tiny_patch16", input_size=32)}, reference)
     args = train_cls.parse_args([*given[:2], str(reference), *given[3:]])
     assert (args.model, args.mode, args.input_size) == ("vit_tiny_patch16", "linprobe", 32)
+    # The reference's mae_finetuned_*.pth records nothing: model, input size and pooling are read off its tensors.
+    finetuned = tmp_path / "mae_finetuned_vit_tiny.pth"
+    torch.save({"model": build_classifier("vit_tiny_patch16", 3, img_size=48).state_dict()}, finetuned)
+    args = train_cls.parse_args([*given[:2], str(finetuned), *given[3:]])
+    assert (args.model, args.mode, args.global_pool, args.input_size) == ("vit_tiny_patch16", "finetune", True, 48)
 
 
 def test_eval_counts_and_reports_an_unreadable_val_image(blobs, tmp_path, capsys):

@@ -32,6 +32,7 @@ from mae_transfer.checkpoints import CheckpointError, load_into, read_checkpoint
 from mae_transfer.cls import (ENCODERS, MODES, MODE_DEFAULTS, OPTIMIZERS, PRESETS, build_classifier, build_optimizer,
                               evaluate, load_pretrained, resolve_mode)
 from mae_transfer.data.classification import DATASETS, build_dataset, classification_transform
+from mae_transfer.models import ARCHS, arch_from_width
 from mae_transfer.engine import (DistInfo, NonFiniteLossError, Precision, add_batch_flags, add_precision_flags,
                                  add_run_flags, data_parallel, distributed_run, exit_on_input_error,
                                  exit_on_non_finite, latest_checkpoint, open_run_log, positive_int, preset_defaults,
@@ -112,7 +113,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "any checkpoint of the whole classifier")
     parser.add_argument("--eval", action="store_true",
                         help="evaluate the --resume checkpoint only, built as it records (--model, --mode, "
-                             "--partial_blocks, --input_size, pooling) unless those flags are given")
+                             "--partial_blocks, --input_size, pooling) or its tensors show, unless those flags are "
+                             "given")
     parser.add_argument("--dist_eval", action="store_true",
                         help="split evaluation over all processes (exact: no sample is repeated)")
     return parser
@@ -120,13 +122,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def recorded_classifier(resume: str) -> Dict[str, Any]:
     """The settings that build the classifier `resume` names (a file, or a directory's latest checkpoint-N.pth), as
-    it records them: our classifier.safetensors in its metadata, a training checkpoint in its flags."""
+    it records them: our classifier.safetensors in its metadata, a training checkpoint in its flags. Where nothing
+    records them (the reference's mae_finetuned_*.pth), its tensors say the model, input size, pooling (fc_norm is
+    average pooling's) and a linear probe (its BatchNorm head)."""
     path = latest_checkpoint(Path(resume))
     if path is None:
         return {}
     checkpoint = read_checkpoint(path)
     recorded = {k: checkpoint.meta[k] for k in CLASSIFIER if checkpoint.meta.get(k) is not None}  # ours, or flags
-    if checkpoint.kind == "linprobe":  # its head says so where nothing records it (the reference's main_linprobe)
+    arch = checkpoint.arch()
+    size = arch_from_width(arch["embed_dim"])
+    model = f"vit_{size}_patch{arch['patch_size']}"
+    if model in ENCODERS and ARCHS[size]["depth"] == arch["depth"]:
+        recorded.setdefault("model", model)
+    if arch["img_size"] is not None:
+        recorded.setdefault("input_size", arch["img_size"])
+    recorded.setdefault("global_pool", "fc_norm.weight" in checkpoint.state_dict)
+    if checkpoint.kind == "linprobe":
         recorded.setdefault("mode", "linprobe")
     return recorded
 
