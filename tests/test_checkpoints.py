@@ -13,7 +13,7 @@ import torch
 import mae_transfer.checkpoints.io as ckpt_io
 from mae_transfer.checkpoints import (CheckpointError, atomic_directory, atomic_path, load_into, read_checkpoint,
                                       read_file, save_checkpoint, save_training_state, load_training_state,
-                                      summarize_keys)
+                                      load_whole_model, summarize_keys)
 from mae_transfer.checkpoints.convert import convert, write
 from mae_transfer.models import MaskedAutoencoderViT, vit_tiny_patch16
 
@@ -333,6 +333,26 @@ def test_key_summaries_name_exactly_the_blocks_listed():
     keys = [f"blocks.{i}.attn.proj.bias" for i in (9, 3, 0, 1, 2, 3)] + ["decoder_blocks.4.norm1.weight", "cls_token"]
     assert summarize_keys(keys) == ["blocks.{0..3,9}.attn.proj.bias", "cls_token", "decoder_blocks.{4}.norm1.weight"]
     assert summarize_keys(["blocks.3.mlp.fc1.weight", "blocks.9.mlp.fc1.weight"]) == ["blocks.{3,9}.mlp.fc1.weight"]
+
+
+def test_a_whole_model_of_another_class_count_loads_all_but_its_classifier():
+    class Detector(torch.nn.Module):
+        def __init__(self, classes: int, width: int = 4):
+            super().__init__()
+            self.body, self.cls_score = torch.nn.Linear(3, width), torch.nn.Linear(width, classes)
+
+    warnings = []
+    model = Detector(5)
+    trained = Detector(81).state_dict()  # COCO's 80 + background -> your 4 + background
+    report = load_whole_model(model, trained, source="d.pth", class_specific=["cls_score.*"], warn=warnings.append)
+    assert sorted(report.new) == ["cls_score.bias", "cls_score.weight"]
+    assert torch.equal(model.body.weight, trained["body.weight"]) and model.cls_score.weight.shape == (5, 4)
+    assert warnings == ["d.pth was trained for another number of classes: its class-specific tensors are not loaded "
+                        "(cls_score.weight, cls_score.bias)"]
+    # Another input width is not another class count: refused, even for a class-specific tensor.
+    with pytest.raises(CheckpointError, match=r"cls_score.weight: w.pth \(5, 8\) vs model \(5, 4\)"):
+        load_whole_model(Detector(5), Detector(5, width=8).state_dict(), source="w.pth",
+                         class_specific=["cls_score.*"])
 
 
 def test_load_into_reports_and_rejects():

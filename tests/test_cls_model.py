@@ -192,6 +192,14 @@ def test_anything_else_missing_is_an_error(tmp_path):
         load_pretrained(classifier("finetune"), path)
 
 
+def test_a_tensor_with_no_place_in_the_classifier_is_an_error(tmp_path):
+    path, sd = _pretrained(tmp_path)
+    sd["blocks.0.ls1.gamma"] = torch.ones(sd["cls_token"].shape[-1])  # a segmentation backbone's trained part
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match=r"has tensors the model has no place for:\n  blocks\.\{0\}\.ls1\.gamma"):
+        load_pretrained(classifier("finetune"), path)
+
+
 def test_a_pos_embed_of_no_square_grid_is_refused_naming_the_file(tmp_path):
     path, sd = _pretrained(tmp_path, img_size=32)
     sd["pos_embed"] = sd["pos_embed"][:, :4]  # cls + 3 patches

@@ -62,6 +62,8 @@ def test_missing_truncated_and_malicious_files(sources, capsys):
     ("enc.pth", "hf", [], "ViTMAEForPreTraining needs the MAE decoder"),
     ("ft.pth", "hf", ["--encoder-only"], "replaces by fc_norm"),
     ("vitdet.pth", "out.safetensors", ["--to", "timm"], "a detectron2 (ViTDet) checkpoint does not keep"),
+    ("vitdet.pth", "out.pth", ["--to", "mae"], "a detectron2 (ViTDet) checkpoint does not keep"),
+    ("vitdet.pth", "out.pth", ["--to", "mmseg"], "a detectron2 (ViTDet) checkpoint does not keep"),
     ("full.pth", "out.safetensors", ["--to", "mae"], "--to mae writes a .pth file"),
     ("full.pth", "out.pth", [], "--to hf writes a directory"),
     ("full.pth", "out.pth", ["--to", "mae", "--patch-size", "16"], "add --encoder-only"),

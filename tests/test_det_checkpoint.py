@@ -145,6 +145,15 @@ def test_position_grid_is_resized_and_14px_patches_resampled_to_16(detector_cfg,
     assert "backbone.net.pos_embed" in report.loaded
 
 
+def test_a_position_table_without_a_cls_row_gets_the_row_detectron2_keeps(detector_cfg, tmp_path):
+    encoder = vit_tiny_patch16(img_size=64, depth=DEPTH).state_dict()  # the model's 4x4 grid
+    encoder["pos_embed"] = encoder["pos_embed"][:, 1:]  # as a no-cls-token timm ViT stores it
+    model = instantiate(detector_cfg.model)
+    load_encoder(model, read_checkpoint(_save_reference(tmp_path / "no_cls_row.pth", encoder)))
+    pos = model.state_dict()["backbone.net.pos_embed"]  # (1, 1 + 16, 192): the cls row is stored, never used
+    assert torch.equal(pos[:, 1:], encoder["pos_embed"]) and not pos[:, 0].any()
+
+
 def test_a_position_table_of_a_non_square_grid_is_refused_not_resized(detector_cfg, tmp_path):
     encoder = vit_tiny_patch16(img_size=(32, 48), depth=DEPTH).state_dict()  # 2 x 3 patches: no square to resize
     path = _save_reference(tmp_path / "crops.pth", encoder)

@@ -1,7 +1,7 @@
 """The batch plan and loader the training scripts share: whole optimizer steps, disjoint shards, clear refusals."""
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from mae_transfer.engine import BatchPlan, DistInfo, training_loader
 
@@ -32,6 +32,19 @@ def test_processes_draw_disjoint_shards_that_cover_the_data():
         loader.sampler.set_epoch(1)
         seen += [i for (batch,) in loader for i in batch.tolist()]
     assert sorted(seen) == list(range(8))
+
+
+def test_the_shuffle_is_the_distributed_sampler_s_of_the_run_seed():
+    data = TensorDataset(torch.arange(16))
+    orders = []
+    for seed in (0, 1):
+        loader, _ = training_loader(data, _dist(), batch_size=4, seed=seed, num_workers=0, pin_mem=False)
+        loader.sampler.set_epoch(2)
+        reference = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        reference.set_epoch(2)
+        orders.append(list(loader.sampler))
+        assert orders[-1] == list(reference)
+    assert orders[0] != orders[1]
 
 
 def test_too_little_data_or_contradicting_flags_are_refused_by_name():

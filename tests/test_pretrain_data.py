@@ -64,6 +64,9 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert as_i.mode == "I" and np.array_equal(np.asarray(to_rgb(as_i))[..., 0], expected)
     eight_bit = Image.fromarray(np.full((4, 4), 200, dtype=np.int32))
     assert eight_bit.mode == "I" and (np.asarray(to_rgb(eight_bit)) == 200).all()
+    # big-endian 16 bits (PIL's I;16B, as some TIFF and PNG readers give them) alike
+    big_endian = Image.frombytes("I;16B", (16, 16), values.astype(">u2").tobytes())
+    assert np.array_equal(np.asarray(to_rgb(big_endian))[..., 0], expected)
 
 
 def test_links_are_followed_but_not_round_a_loop(tmp_path, caplog):
@@ -92,6 +95,14 @@ def test_corrupt_images_are_reported_skipped_and_counted(tmp_path, caplog):
     make_image_folder(tmp_path / "bad", 2, corrupt=[0, 1])
     with pytest.raises(RuntimeError, match="none of the 2 images"):
         ImageFolderDataset(tmp_path / "bad")[0]
+
+
+def test_an_unreadable_last_image_gives_way_to_the_first_with_its_label(tmp_path):
+    make_image_folder(tmp_path / "a", 2)
+    make_image_folder(tmp_path / "b", 2, corrupt=[1])  # b/001.png, the last file in sorted order
+    dataset = ImageFolderDataset(tmp_path, transform=transforms.ToTensor())
+    last, first = dataset[3], dataset[0]
+    assert (last.unreadable, last.label) == (1, 0) and torch.equal(last.input, first.input)
 
 
 def test_sample_randomness_depends_on_seed_epoch_index_only(tmp_path):

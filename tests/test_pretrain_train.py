@@ -5,6 +5,7 @@ import math
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -13,11 +14,12 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch._dynamo.utils import counters
+from torch.utils.data import DistributedSampler
 
 from mae_transfer.checkpoints import load_training_state, read_checkpoint
-from mae_transfer.data.images import ImageFolderDataset, pretrain_transform, whole_images
+from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform, whole_images
 from mae_transfer.engine import resolve_accum_iter, seed_everything
-from mae_transfer.models import MaskedAutoencoderViT, create_model
+from mae_transfer.models import MaskedAutoencoderViT, create_model, masking_noise
 from pretrain_helpers import ROOT, make_image_folder, one_thread, tiny_flags
 
 sys.path.insert(0, str(ROOT / "pretrain"))  # main_pretrain.py is a script with sibling imports, like the reference
@@ -113,6 +115,40 @@ def test_the_pictured_images_are_distinct_and_readable(tmp_path):
     # picks 0, 1, 2, 3 of 5; file 0 cannot be read, so the first other readable file (4) stands in
     expected = whole_images([paths[i] for i in (1, 2, 3, 4)], 32, 4)
     assert torch.equal(main_pretrain.preview_images(five, 32), expected)
+
+
+def test_epochs_reshuffle_and_redraw_the_lr_follows_the_effective_batch_and_only_whole_epochs_are_saved(
+        tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "data", 8)
+    batches = []
+
+    def recording_step(model, batch, **kwargs):
+        (images, noise), _, _ = batch
+        batches.append((images.clone(), noise.clone()))
+        return mae_step(model, batch, **kwargs)
+
+    mae_step = main_pretrain.mae_step
+    monkeypatch.setattr(main_pretrain, "mae_step", recording_step)
+    # 8 images, batches of 2 accumulated by 2: 4 iterations an epoch; 3 optimizer steps end halfway through epoch 1
+    args = main_pretrain.parse_args(tiny_flags(tmp_path / "data", tmp_path / "out", batch_size=2, accum_iter=2,
+                                               max_steps=3, blr=1e-2))
+    main_pretrain.main(args)
+
+    assert args.lr == pytest.approx(1e-2 * 4 / 256)  # the reference's lr = blr * effective batch / 256
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*.pth")) == ["checkpoint-0.pth"]
+    assert load_training_state(tmp_path / "out" / "checkpoint-0.pth")["iteration"] == 4
+    # Each epoch's first batch: DistributedSampler's order for (seed, epoch), each sample's crop and masking drawn
+    # for (seed, epoch, index), as an independent loader over the same folder gives them.
+    dataset = ImageFolderDataset(tmp_path / "data", seed=0, transform=WithMaskNoise(
+        pretrain_transform(32), partial(masking_noise, "random", 1, (2, 2), 0.75)))
+    for epoch, (images, noise) in ((0, batches[0]), (1, batches[4])):
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        expected = [dataset[i].input for i in list(sampler)[:2]]
+        assert torch.equal(images, torch.stack([image for image, _ in expected]))
+        assert torch.equal(noise, torch.stack([n for _, n in expected]))
+    assert not torch.equal(batches[0][0], batches[4][0])
 
 
 def test_exported_encoder_loads_strictly_into_timm(tiny_run):

@@ -36,6 +36,12 @@ def test_default_out_indices_are_the_reference_blocks():
     assert default_out_indices(24) == (7, 11, 15, 23)  # BEiT-L
 
 
+def test_layer_scale_starts_at_the_recipe_s_one_by_default():
+    backbone = ViTBackbone(arch="tiny", img_size=32, depth=2)  # mmseg's MAE ADE20K configs: init_values=1.0
+    gammas = [p for name, p in backbone.named_parameters() if name.endswith(("ls1.gamma", "ls2.gamma"))]
+    assert len(gammas) == 4 and all(torch.equal(g, torch.ones_like(g)) for g in gammas)
+
+
 def test_every_level_at_any_input_size_with_one_model():
     torch.manual_seed(0)
     backbone = ViTBackbone(**SMALL).eval()
