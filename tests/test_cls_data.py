@@ -179,6 +179,8 @@ def test_train_transforms_follow_the_protocol():
     assert {"PosterizeIncreasing", "SolarizeIncreasing"} <= names and not names & {"Posterize", "Solarize"}
     assert isinstance(erasing, RandomErasing)
     assert (erasing.probability, erasing.mode, erasing.min_count, erasing.max_count) == (0.25, "pixel", 1, 1)
+    *_, three = classification_transform(True, 64, re_prob=0.25, re_mode="rand", re_count=3).transform.transforms
+    assert (three.mode, three.max_count) == ("rand", 3)  # --remode, --recount
     assert isinstance(normalize, transforms.Normalize)
     torch.testing.assert_close(torch.as_tensor(normalize.mean), torch.tensor(IMAGENET_MEAN))
     torch.testing.assert_close(torch.as_tensor(normalize.std), torch.tensor(IMAGENET_STD))

@@ -50,9 +50,11 @@ def test_a_process_shown_only_its_own_gpu_takes_cuda_0(gpus, monkeypatch):
 
 def test_more_processes_than_gpus_are_refused(gpus, monkeypatch):
     gpus(8)
-    _launched(monkeypatch, local_rank=9, world_size=1)
-    with pytest.raises(ValueError, match=r"process 9 of this node has no GPU of its own: 8 are visible"):
-        init_distributed("cuda")
+    for local_rank in (8, 9):  # GPUs 0..7
+        _launched(monkeypatch, local_rank=local_rank, world_size=1)
+        with pytest.raises(ValueError, match=rf"process {local_rank} of this node has no GPU of its own: 8 are "
+                                             r"visible"):
+            init_distributed("cuda")
 
 
 def test_one_explicit_gpu_for_several_processes_is_refused(gpus, monkeypatch):

@@ -5,6 +5,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mae_transfer.engine import (BatchPlan, DistInfo, NonFiniteLossError, Precision, RunLog, adamw, open_run_log,
                                  param_groups, train_one_epoch, warmup_cosine)
@@ -176,6 +177,24 @@ def test_logged_losses_are_the_means_of_their_windows_and_the_epoch(tmp_path):
     assert result.loss == 3.5 and result.iteration == 8
 
 
+def test_tensorboard_goes_to_log_dir_with_kind_tags_and_json_lines_stay_strict_json(tmp_path):
+    args = argparse.Namespace(output_dir=str(tmp_path / "out"), log_dir=str(tmp_path / "tb"), start_epoch=0,
+                              model="m")
+    plan = BatchPlan(batch_size=4, accum_iter=1, world_size=1, iters_per_epoch=3)
+    log = open_run_log(args, plan, Precision("none", CPU), DistInfo(0, 0, 1, CPU), resumed_from=None)
+    log.write("step", 3, {"loss": 0.5, "lr": 1e-3})
+    log.write("epoch", 3, {"loss": float("nan"), "images_per_s": 7.0})
+    log.close()
+    assert not list((tmp_path / "out").glob("events.*")) and (tmp_path / "out" / "log.jsonl").exists()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"step/loss", "step/lr", "epoch/images_per_s"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("step/loss")] == [(3, 0.5)]
+    lines = (tmp_path / "out" / "log.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON")) for line in lines]
+    assert records[-1]["loss"] == "nan"
+
+
 def test_only_the_main_process_records_the_run(tmp_path, monkeypatch):
     # The record asks git and the hardware: on the other ranks of a large job it would only cost their start.
     def asked(dist):
@@ -199,6 +218,8 @@ def test_precision_modes():
         assert (a @ b).dtype == torch.bfloat16
     with Precision("none", CPU).autocast():
         assert (a @ b).dtype == torch.float32
+    bf16 = Precision("bf16", CPU)  # bf16 has fp32's range: no loss scaling, and nothing to save for it
+    assert not bf16.scaler.is_enabled() and bf16.state_dict() == {}
 
 
 def test_backward_without_update_accumulates_and_update_steps():
