@@ -157,6 +157,7 @@ POINTER = (0x4141414141414141).to_bytes(8, "little")
     (np.array([None]), "numpy dtype 'O8'"),  # objects
     # data that is not exactly the array's bytes
     (_ArrayWithState((1, (4,), np.dtype("f4"), False, b"\0" * 8)), "with 8 bytes of data"),
+    (_ArrayWithState((1, (2,), np.dtype("f4"), False, b"\0" * 12)), "with 12 bytes of data"),  # too many, too
 ])
 def test_a_pkl_whose_arrays_are_not_plain_numbers_is_refused(tmp_path, payload, refused):
     path = tmp_path / "model_final.pkl"

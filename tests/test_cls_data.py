@@ -113,6 +113,8 @@ def test_places365_split_lists(tmp_path):
     assert train.origins[2].endswith("places365_train_standard.txt:4")
     val = build_dataset("places365", tmp_path, "val")
     assert val.labels == [165] and val.files[0] == tmp_path / "val_256/Places365_val_00000001.jpg"
+    _image(tmp_path / "val_large" / "Places365_val_00000001.jpg")  # both downloads: the 256 px one, as for train
+    assert build_dataset("places365", tmp_path, "val").files[0] == tmp_path / "val_256/Places365_val_00000001.jpg"
 
 
 def test_places205_official_layout(tmp_path):

@@ -199,6 +199,9 @@ def test_a_missing_checkpoint_is_named_with_where_it_came_from(detector_cfg, tmp
         ViTDetCheckpointer(model).load(str(tmp_path / "mae_pretrain_vit_tiny.pth"))
     assert str(error.value) == f"checkpoint not found: {tmp_path / 'mae_pretrain_vit_tiny.pth'} " \
                                "(given as train.init_checkpoint)"
+    (tmp_path / "last_checkpoint").write_text("model_0000099.pth")  # a run to resume, but not what is loaded here
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth \(given as train\.init_checkpoint\)$"):
+        ViTDetCheckpointer(model, str(tmp_path)).load(str(tmp_path / "missing.pth"))
 
     (tmp_path / "last_checkpoint").write_text("model_0000099.pth")  # its checkpoint was deleted since
     with pytest.raises(FileNotFoundError) as error:

@@ -210,16 +210,22 @@ def test_label_map_of_the_wrong_size_is_a_clear_error(world, tmp_path):
         dataset[2]
 
 
-def test_a_label_map_not_turned_like_its_exif_rotated_image_is_a_clear_error(world, tmp_path):
+@pytest.mark.parametrize("orientation", [3, 5, 6, 7, 8])
+def test_a_label_map_not_turned_like_its_exif_rotated_image_is_a_clear_error(world, tmp_path, orientation):
     import mmcv
     broken = tmp_path / "ade"
     shutil.copytree(world, broken)
     image, label = broken / "images" / "validation" / "000003.jpg", broken / "annotations" / "validation" / "000003.png"
     exif = Image.Exif()
-    exif[0x0112] = 6  # stored 64x48, shown turned 90 degrees clockwise
+    exif[0x0112] = orientation  # stored 64x48; 5-8 are shown turned by 90 degrees (and mirrored), 3 by 180
     Image.open(image).resize((64, 48)).save(image, exif=exif)
     Image.open(label).resize((64, 48), Image.NEAREST).save(label)  # labels the stored pixels
-    assert mmcv.imread(str(image)).shape[:2] == (64, 48)  # mmseg's loader (OpenCV) decodes it turned: 48 wide
+    turned = orientation != 3
+    # mmseg's loader (OpenCV) decodes it turned: 48 wide, for 5-8
+    assert mmcv.imread(str(image)).shape[:2] == ((64, 48) if turned else (48, 64))
+    if not turned:
+        _val_dataset(broken)[3]  # the same width and height: nothing to refuse
+        return
     with pytest.raises(ValueError, match=r"000003\.png is 64x48 \(WxH\) but its image .*000003\.jpg is 48x64 once "
                                          r"turned by its EXIF orientation"):
         _val_dataset(broken)[3]
