@@ -6,12 +6,14 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from mae_transfer.engine import DistInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "pretrain" / "main_pretrain.py"
@@ -68,6 +70,24 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class _Seeded(Exception):
+    pass
+
+
+def seed_of_rank_3(module, run: Callable[[DistInfo], object], monkeypatch) -> int:
+    """The seed a training script's `run` (given rank 3 of 4) seeds its generators with; the run stops there."""
+    seeds = []
+
+    def seed_everything(seed):
+        seeds.append(seed)
+        raise _Seeded  # the rest of the run is not the question
+
+    monkeypatch.setattr(module, "seed_everything", seed_everything)
+    with pytest.raises(_Seeded):
+        run(DistInfo(rank=3, local_rank=3, world_size=4, device=torch.device("cpu")))
+    return seeds[0]
 
 
 def subprocess_env() -> Dict[str, str]:

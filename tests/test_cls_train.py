@@ -15,9 +15,8 @@ from timm.loss import SoftTargetCrossEntropy
 
 from mae_transfer.checkpoints import read_checkpoint, save_checkpoint
 from mae_transfer.cls import build_classifier
-from mae_transfer.engine import DistInfo
 from mae_transfer.models import mae_vit_tiny_patch16
-from pretrain_helpers import one_thread, run_tool
+from pretrain_helpers import one_thread, run_tool, seed_of_rank_3
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_cls.py"
 sys.path.insert(0, str(TOOL.parent))
@@ -271,23 +270,10 @@ def test_resumed_run_equals_the_uninterrupted_one(blobs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-class _Seeded(Exception):
-    pass
-
-
 def test_each_process_seeds_with_the_run_seed_plus_its_rank(blobs, tmp_path, monkeypatch):
     """As the reference (seed + rank): otherwise every GPU draws the same drop-path masks and mixup pairs."""
-    seeds = []
-
-    def seed_everything(seed):
-        seeds.append(seed)
-        raise _Seeded  # the rest of the run is not this test's
-
-    monkeypatch.setattr(train_cls, "seed_everything", seed_everything)
-    with pytest.raises(_Seeded):
-        train_cls.transfer(train_cls.parse_args(flags(blobs, tmp_path, "--seed", "7")),
-                           DistInfo(rank=3, local_rank=3, world_size=4, device=torch.device("cpu")))
-    assert seeds == [10]
+    args = train_cls.parse_args(flags(blobs, tmp_path, "--seed", "7"))
+    assert seed_of_rank_3(train_cls, lambda dist: train_cls.transfer(args, dist), monkeypatch) == 10
 
 
 def test_bad_inputs_fail_with_clear_messages(blobs, tmp_path):

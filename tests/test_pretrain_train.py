@@ -18,9 +18,9 @@ from torch.utils.data import DistributedSampler
 
 from mae_transfer.checkpoints import load_training_state, read_checkpoint
 from mae_transfer.data.images import ImageFolderDataset, WithMaskNoise, pretrain_transform, whole_images
-from mae_transfer.engine import DistInfo, resolve_accum_iter, seed_everything
+from mae_transfer.engine import resolve_accum_iter, seed_everything
 from mae_transfer.models import MaskedAutoencoderViT, create_model, masking_noise
-from pretrain_helpers import ROOT, make_image_folder, one_thread, tiny_flags
+from pretrain_helpers import ROOT, make_image_folder, one_thread, seed_of_rank_3, tiny_flags
 
 sys.path.insert(0, str(ROOT / "pretrain"))  # main_pretrain.py is a script with sibling imports, like the reference
 import main_pretrain  # noqa: E402
@@ -151,22 +151,10 @@ def test_epochs_reshuffle_and_redraw_the_lr_follows_the_effective_batch_and_only
     assert not torch.equal(batches[0][0], batches[4][0])
 
 
-class _Seeded(Exception):
-    pass
-
-
 def test_each_process_seeds_with_the_run_seed_plus_its_rank(tmp_path, monkeypatch):
-    seeds = []
-
-    def seed_everything(seed):
-        seeds.append(seed)
-        raise _Seeded  # the rest of the run is not this test's
-
-    monkeypatch.setattr(main_pretrain, "seed_everything", seed_everything)
-    with pytest.raises(_Seeded):
-        main_pretrain.pretrain(main_pretrain.parse_args(tiny_flags(tmp_path, tmp_path / "out", seed=7)),
-                               DistInfo(rank=3, local_rank=3, world_size=4, device=torch.device("cpu")))
-    assert seeds == [10]  # the reference's seed + rank: each GPU its own masks and crops
+    args = main_pretrain.parse_args(tiny_flags(tmp_path, tmp_path / "out", seed=7))
+    # the reference's seed + rank: each GPU its own masks and crops
+    assert seed_of_rank_3(main_pretrain, lambda dist: main_pretrain.pretrain(args, dist), monkeypatch) == 10
 
 
 def test_exported_encoder_loads_strictly_into_timm(tiny_run):
