@@ -168,12 +168,9 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
     noise_fn = partial(masking_noise, args.masking, 1, model.grid_size, args.mask_ratio)
     dataset = ImageFolderDataset(data_root(args.data_path), seed=args.seed,
                                  transform=WithMaskNoise(pretrain_transform(args.input_size), noise_fn))
-    try:
-        loader, plan = training_loader(dataset, dist, batch_size=args.batch_size, seed=args.seed,
-                                       num_workers=args.num_workers, pin_mem=args.pin_mem,
-                                       accum_iter=args.accum_iter, effective_batch_size=args.effective_batch_size)
-    except ValueError as err:  # flags that contradict, or too few images for one step
-        raise SystemExit(f"error: {err}") from None
+    loader, plan = training_loader(dataset, dist, batch_size=args.batch_size, seed=args.seed,
+                                   num_workers=args.num_workers, pin_mem=args.pin_mem, accum_iter=args.accum_iter,
+                                   effective_batch_size=args.effective_batch_size)
     if args.lr is None:
         args.lr = scaled_lr(args.blr, plan.effective)
     dist.print(f"data: {len(dataset)} images under {dataset.root}"

@@ -353,7 +353,7 @@ def test_a_whole_model_of_another_class_count_loads_all_but_its_classifier():
     # Another input width is not another class count: refused, even for a class-specific tensor.
     with pytest.raises(CheckpointError, match=r"cls_score.weight: w.pth \(5, 8\) vs model \(5, 4\)"):
         load_whole_model(Detector(5), Detector(5, width=8).state_dict(), source="w.pth",
-                         class_specific=["cls_score.*"])
+                         class_specific=["cls_score.*"], warn=warnings.append)
 
 
 def test_load_into_reports_and_rejects():

@@ -56,6 +56,6 @@ def test_batch_flags_that_contradict_are_blamed_on_the_flags_and_too_few_images_
                                                           "batch_size x processes = 4 x 1"),
                            (dict(accum_iter=2, effective_batch_size=4), "error: --accum_iter 2 contradicts"),
                            (dict(batch_size=8), f"error: {tmp_path / 'images'}: 6 training images are too few")):
-        with pytest.raises(SystemExit) as exit_info, one_thread():
+        with pytest.raises(SystemExit) as exit_info, one_thread(), exit_on_input_error():  # as the script runs main
             main_pretrain.main(main_pretrain.parse_args(tiny_flags(tmp_path / "images", tmp_path / "out", **flags)))
         assert str(exit_info.value.code).startswith(message)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from mae_transfer.engine import BatchPlan, DistInfo, training_loader
+from mae_transfer.engine import BatchPlan, BatchPlanError, DistInfo, training_loader
 
 
 def _dist(rank: int = 0, world_size: int = 1) -> DistInfo:
@@ -48,10 +48,10 @@ def test_the_shuffle_is_the_distributed_sampler_s_of_the_run_seed():
 
 
 def test_too_little_data_or_contradicting_flags_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"3 training images are too few for one optimizer step of 2 x 2 "
+    with pytest.raises(BatchPlanError, match=r"3 training images are too few for one optimizer step of 2 x 2 "
                                          r"\(accum_iter\) x 1 \(processes\)"):
         training_loader(TensorDataset(torch.arange(3)), _dist(), batch_size=2, seed=0, num_workers=0,
                         pin_mem=False, accum_iter=2)
-    with pytest.raises(ValueError, match="--accum_iter 3 contradicts --effective_batch_size 8"):
+    with pytest.raises(BatchPlanError, match="--accum_iter 3 contradicts --effective_batch_size 8"):
         training_loader(TensorDataset(torch.arange(8)), _dist(), batch_size=2, seed=0, num_workers=0,
                         pin_mem=False, accum_iter=3, effective_batch_size=8)

@@ -301,13 +301,9 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
     """Train from the model as built and loaded (or resume), evaluating after every epoch."""
     device, mode, output_dir = dist.device, resolve_mode(args.mode, args.partial_blocks), Path(args.output_dir)
     num_classes = args.nb_classes
-    try:
-        train_loader, plan = training_loader(train_set, dist, batch_size=args.batch_size, seed=args.seed,
-                                             num_workers=args.num_workers, pin_mem=args.pin_mem,
-                                             accum_iter=args.accum_iter,
-                                             effective_batch_size=args.effective_batch_size)
-    except ValueError as err:  # flags that contradict, or too few images for one step
-        raise SystemExit(f"error: {err}") from None
+    train_loader, plan = training_loader(train_set, dist, batch_size=args.batch_size, seed=args.seed,
+                                         num_workers=args.num_workers, pin_mem=args.pin_mem, accum_iter=args.accum_iter,
+                                         effective_batch_size=args.effective_batch_size)
     if args.lr is None:
         args.lr = scaled_lr(args.blr, plan.effective)
     dist.print(f"data: {args.dataset} at {args.data_path}: {len(train_set)} train / {len(val_loader.dataset)} val "

@@ -91,7 +91,7 @@ def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, new: Seq
 
 
 def load_whole_model(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, source: str,
-                     class_specific: Sequence[str] = (), warn: Callable[[str], None] = print) -> LoadReport:
+                     class_specific: Sequence[str] = (), warn: Callable[[str], None]) -> LoadReport:
     """Load a whole model (a detector, a segmentor) exactly, except that the class-specific tensors (glob patterns
     `class_specific`) of one trained for another number of classes (ADE20K's 150 -> yours: shapes differing in the
     first, class dimension alone) are left at the model's initialisation, with a warning: detectron2 and mmengine

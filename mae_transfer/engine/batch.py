@@ -6,7 +6,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .distributed import DistInfo
 
-__all__ = ["BatchPlan", "resolve_accum_iter", "training_loader"]
+__all__ = ["BatchPlan", "BatchPlanError", "resolve_accum_iter", "training_loader"]
+
+
+class BatchPlanError(ValueError):
+    """Batch flags that contradict each other, or a dataset too small for one optimizer step (an input error)."""
 
 
 def resolve_accum_iter(batch_size: int, world_size: int, *, accum_iter: Optional[int] = None,
@@ -18,12 +22,13 @@ def resolve_accum_iter(batch_size: int, world_size: int, *, accum_iter: Optional
     per_step = batch_size * world_size
     accum, rest = divmod(effective_batch_size, per_step)
     if rest or accum < 1:
-        raise ValueError(f"--effective_batch_size {effective_batch_size} is not a multiple of batch_size x "
-                         f"processes = {batch_size} x {world_size}; change --batch_size or --effective_batch_size "
-                         "(an explicit --accum_iter N replaces a preset's effective batch)")
+        raise BatchPlanError(f"--effective_batch_size {effective_batch_size} is not a multiple of batch_size x "
+                             f"processes = {batch_size} x {world_size}; change --batch_size or "
+                             "--effective_batch_size (an explicit --accum_iter N replaces a preset's effective batch)")
     if accum_iter is not None and accum_iter != accum:
-        raise ValueError(f"--accum_iter {accum_iter} contradicts --effective_batch_size {effective_batch_size} with "
-                         f"batch_size {batch_size} on {world_size} processes (needs {accum}); give only one of them")
+        raise BatchPlanError(f"--accum_iter {accum_iter} contradicts --effective_batch_size {effective_batch_size} "
+                             f"with batch_size {batch_size} on {world_size} processes (needs {accum}); give only one "
+                             "of them")
     return accum
 
 
@@ -47,7 +52,8 @@ def training_loader(dataset: Dataset, dist: DistInfo, *, batch_size: int, seed: 
                     pin_mem: bool, accum_iter: Optional[int] = None,
                     effective_batch_size: Optional[int] = None) -> Tuple[DataLoader, BatchPlan]:
     """A shuffling loader over this process's shard of `dataset` (its sampler wants set_epoch every epoch), and the
-    run's batch plan. Raises ValueError, naming the flags, when they contradict or leave no whole optimizer step."""
+    run's batch plan. Raises BatchPlanError, naming the flags, when they contradict or leave no whole optimizer
+    step."""
     accum = resolve_accum_iter(batch_size, dist.world_size, accum_iter=accum_iter,
                                effective_batch_size=effective_batch_size)
     # Sharded identically for every world size, so the global batch of a step is the same set of images.
@@ -57,6 +63,6 @@ def training_loader(dataset: Dataset, dist: DistInfo, *, batch_size: int, seed: 
     plan = BatchPlan(batch_size, accum, dist.world_size, iters_per_epoch=len(loader) // accum * accum)
     if plan.iters_per_epoch == 0:
         where = f"{dataset.root}: " if hasattr(dataset, "root") else ""  # an image folder says which
-        raise ValueError(f"{where}{len(dataset)} training images are too few for one optimizer step of {batch_size} "
-                         f"x {accum} (accum_iter) x {dist.world_size} (processes)")
+        raise BatchPlanError(f"{where}{len(dataset)} training images are too few for one optimizer step of "
+                             f"{batch_size} x {accum} (accum_iter) x {dist.world_size} (processes)")
     return loader, plan

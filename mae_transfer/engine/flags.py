@@ -8,13 +8,15 @@ from typing import Any, Dict, Iterator, Mapping
 from ..checkpoints import CheckpointError
 from ..data.classification import DatasetFormatError
 from .amp import AMP_MODES
+from .batch import BatchPlanError
 
 __all__ = ["INPUT_ERRORS", "add_batch_flags", "add_precision_flags", "add_run_flags", "exit_on_input_error",
            "positive_int", "preset_defaults"]
 
-# What a command given a wrong path, an unreadable or unsafe checkpoint or a malformed dataset raises. Every such
-# message names the file (or flag), so the user needs that line alone, as with argparse's own errors.
-INPUT_ERRORS = (CheckpointError, DatasetFormatError, FileNotFoundError, NotADirectoryError)
+# What a command given a wrong path, an unreadable or unsafe checkpoint, a malformed dataset or batch flags that do
+# not add up raises. Every such message names the file (or flag), so the user needs that line alone, as with
+# argparse's own errors.
+INPUT_ERRORS = (CheckpointError, DatasetFormatError, FileNotFoundError, NotADirectoryError, BatchPlanError)
 
 
 @contextmanager
