@@ -34,6 +34,9 @@ from presets import PRESETS
 # What a resumed run must share with its checkpoint's run: the model and what it learns (engine.resume).
 RECIPE = ("model", "input_size", "mask_ratio", "masking", "norm_pix_loss", "decoder_embed_dim", "decoder_depth",
           "decoder_num_heads")
+# What runs of the MAE reference's main_pretrain.py had without a flag, and no tensor shows: random masking, and the
+# 16 decoder heads of all its models (mae_vit_*_dec512d8b). Resuming one of its checkpoints compares these too.
+REFERENCE_RUN = {"masking": "random", "decoder_num_heads": 16}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -75,7 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default="./data/imagenet", type=str,
                         help="image folder (with or without class sub-folders); DATA_PATH/train is used if present")
     add_run_flags(parser, outputs="checkpoints, exported weights, log.jsonl",
-                  resume="training state to resume from: a checkpoint-N.pth, or a directory (its latest one)")
+                  resume="training state to resume from: a checkpoint-N.pth (ours or the MAE reference's), or a "
+                         "directory (its latest one)")
     return parser
 
 
@@ -186,7 +190,8 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> None:
     scheduler = warmup_cosine(optimizer, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                               iters_per_epoch=plan.iters_per_epoch, min_lr=args.min_lr)
 
-    last_checkpoint = resume(args, model=model_without_ddp, optimizer=optimizer, precision=precision, recipe=RECIPE)
+    last_checkpoint = resume(args, model=model_without_ddp, optimizer=optimizer, precision=precision, recipe=RECIPE,
+                             unrecorded=REFERENCE_RUN)
 
     train_model = torch.compile(model) if args.compile else model
     log = open_run_log(args, plan, precision, dist, resumed_from=last_checkpoint)

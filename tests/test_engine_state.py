@@ -1,3 +1,4 @@
+import argparse
 import random
 
 import numpy as np
@@ -122,3 +123,56 @@ def test_resuming_with_other_optimizer_groups_names_the_saved_flags(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint-2\.pth: its optimizer does not fit this run's \(it was "
                                               r"saved by a run with --mode partial --partial_blocks 2\)"):
         load_state(path, model=model, optimizer=one_group, precision=precision)
+
+
+def test_a_resumed_optimizer_keeps_this_runs_hyperparameters_and_the_saved_moments(tmp_path):
+    """torch's load_state_dict takes the saved groups' settings: a --weight_decay changed at a resumption (which
+    resume() lists as changed) would silently not apply."""
+    model, opt = _model_and_optimizer(0)
+    precision = Precision("none", torch.device("cpu"))
+    _train_step(model, opt)
+    path = tmp_path / "checkpoint-0.pth"
+    save_state(path, model=model, optimizer=opt, precision=precision, epoch=0, iteration=1, args={}, write=True)
+    fresh, _ = _model_and_optimizer(1)
+    fresh_opt = adamw(param_groups(fresh, 0.1), lr=1e-2, betas=(0.8, 0.9))
+    load_state(path, model=fresh, optimizer=fresh_opt, precision=precision)
+    assert [g["weight_decay"] for g in fresh_opt.param_groups] == [0.0, 0.1]
+    assert all(g["betas"] == (0.8, 0.9) and g["fused"] for g in fresh_opt.param_groups)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg"], fresh_opt.state[q]["exp_avg"])
+
+
+def _reference_checkpoint(path, weights, optimizer_state, **args):
+    """What the MAE reference's misc.save_model writes (args: an argparse.Namespace)."""
+    torch.save({"model": weights, "optimizer": optimizer_state, "epoch": 4, "scaler": {},
+                "args": argparse.Namespace(**args)}, path)
+
+
+def test_a_reference_checkpoint_resumes_unless_its_parameters_cannot_be_matched(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    precision = Precision("none", torch.device("cpu"))
+    _train_step(model, opt)
+    path = tmp_path / "checkpoint-4.pth"
+    _reference_checkpoint(path, model.state_dict(), opt.state_dict(), model="mae_vit_tiny_patch16", epochs=9)
+    fresh, fresh_opt = _model_and_optimizer(1)
+    state = load_state(path, model=fresh, optimizer=fresh_opt, precision=precision,
+                       expected={"model": "mae_vit_tiny_patch16", "masking": "random"},
+                       unrecorded={"masking": "random"})
+    assert state["epoch"] == 4 and state["args"] == {"masking": "random", "model": "mae_vit_tiny_patch16", "epochs": 9}
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    with pytest.raises(CheckpointError, match="saved by a run with masking=random; this run has masking=block"):
+        load_state(path, model=fresh, optimizer=fresh_opt, precision=precision, expected={"masking": "block"},
+                   unrecorded={"masking": "random"})
+
+    # models_vit.py registers fc_norm after the head: its parameters come in another order than the optimizer's
+    reordered = dict(reversed(list(model.state_dict().items())))
+    _reference_checkpoint(path, reordered, opt.state_dict())
+    with pytest.raises(CheckpointError, match=r"MAE reference's scripts whose parameters are in another order than "
+                                              r"this model's \(2\.bias where this model has 0\.weight\)"):
+        load_state(path, model=fresh, optimizer=fresh_opt, precision=precision)
+
+    # main_linprobe.py's LARS: one group where this run has weight-decay and no-decay groups
+    one_group = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _reference_checkpoint(path, model.state_dict(), one_group.state_dict())
+    with pytest.raises(CheckpointError, match="MAE reference's scripts whose optimizer groups are not this run's"):
+        load_state(path, model=fresh, optimizer=fresh_opt, precision=precision)

@@ -4,6 +4,9 @@ Model, optimizer, gradient scaler, the epoch just completed, the iteration count
 position) and every process's random-number generators (torch CPU and CUDA, NumPy, Python). The file holds only
 tensors and plain containers, so it reloads with torch.load(weights_only=True), and it is written atomically: a run
 killed while saving leaves the previous checkpoint untouched.
+
+A training checkpoint of the MAE reference's scripts (misc.save_model: model, optimizer, epoch, scaler, args) resumes
+too: the schedule's position follows from its epoch, as in the reference; it has no generator states to restore.
 """
 import argparse
 import random
@@ -23,6 +26,8 @@ from .loop import EpochResult
 __all__ = ["rng_state", "set_rng_state", "save_state", "save_epoch", "load_state", "latest_checkpoint", "resume"]
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth")
+# What the MAE reference's misc.save_model writes besides 'scaler' and 'args' (no iteration count, no generators).
+REFERENCE_KEYS = frozenset({"model", "optimizer", "epoch"})
 # Flags that say where and how a run executes, not what it trains: they may change at a resumption unremarked.
 RUN_MECHANICS = frozenset({"preset", "resume", "start_epoch", "output_dir", "log_dir", "data_path", "device",
                            "local_rank", "world_size", "dist_url", "num_workers", "pin_mem", "compile", "max_steps",
@@ -88,25 +93,32 @@ def save_epoch(args: argparse.Namespace, epoch: int, result: EpochResult, *, ite
 
 
 def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-               expected: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Restore a state saved by `save_state` into the given objects and this process's RNGs.
+               expected: Optional[Dict[str, Any]] = None, unrecorded: Optional[Dict[str, Any]] = None
+               ) -> Dict[str, Any]:
+    """Restore a state saved by `save_state`, or by the MAE reference's scripts, into the given objects and this
+    process's RNGs.
 
     `expected`: this run's values of the settings that define the model and what it learns. A state saved with
     other values is refused, naming them: a decoder with other head counts or other targets would load into tensors
-    of the same shapes and silently train something else. (A setting the state left unrecorded is not compared.)
+    of the same shapes and silently train something else. A setting the state left unrecorded is compared with its
+    value in `unrecorded` (what the reference's scripts fixed without a flag), or not at all.
 
-    Returns the state (its 'epoch', 'iteration' and 'args' tell the caller where to continue). RNG states are
-    restored per rank when the world size is unchanged; otherwise generators keep their fresh seeds.
+    The optimizer's moments come from the state; its hyperparameters (weight decay, lr_scale, betas, which kernel)
+    stay this run's, as its flags say (torch would take the saved ones, so a changed --weight_decay, which resume()
+    reports as changed, would not apply).
+
+    Returns the state (its 'epoch', 'iteration' and 'args' tell the caller where to continue; a reference checkpoint
+    has no 'iteration'). RNG states are restored per rank when the world size is unchanged; otherwise, and for a
+    reference checkpoint, generators keep their fresh seeds.
     """
     state = load_training_state(path)
+    reference = REFERENCE_KEYS <= state.keys() and "rng" not in state
     missing = [k for k in ("model", "optimizer", "epoch", "iteration", "rng") if k not in state]
-    if missing:
-        written_by = ("; a training checkpoint of the MAE reference's scripts, which record neither the schedule's "
-                      "position nor the random generators, cannot be continued exactly" if "rng" not in state
-                      and {"model", "optimizer", "epoch"} <= state.keys() else "")
-        raise CheckpointError(f"{path}: not a training state saved by mae-transfer (missing {', '.join(missing)})"
-                              + written_by)
+    if missing and not reference:
+        raise CheckpointError(f"{path}: not a training state saved by mae-transfer or the MAE reference's scripts "
+                              f"(missing {', '.join(missing)})")
     saved = state.get("args", {})
+    saved = {**(unrecorded or {}), **(vars(saved) if isinstance(saved, argparse.Namespace) else saved)}
     changed = [k for k, v in (expected or {}).items() if saved.get(k) is not None and saved[k] != v]
     if changed:
         raise CheckpointError(
@@ -122,14 +134,48 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise mismatch("model", ("model", "input_size", "nb_classes"), err) from None
+    if reference:
+        _check_parameter_order(path, state["model"], model)
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(_with_settings_of(optimizer, state["optimizer"]))
     except ValueError as err:  # the parameter groups differ: another fine-tuning mode or layer decay
+        if reference:  # e.g. main_linprobe.py's LARS holds the head's parameters in one group
+            raise _unmatched(path, f"whose optimizer groups are not this run's ({err})") from None
         raise mismatch("optimizer", ("mode", "partial_blocks", "layer_decay", "weight_decay"), err) from None
-    precision.load_state_dict(state.get("scaler", {}))
-    if len(state["rng"]) == get_world_size():
+    precision.load_state_dict(state.get("scaler") or {})
+    if not reference and len(state["rng"]) == get_world_size():
         set_rng_state(state["rng"][get_rank()], precision.device)
-    return state
+    return {**state, "args": saved}
+
+
+def _with_settings_of(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> Dict[str, Any]:
+    """`saved` with `optimizer`'s group settings, applied before loading: torch places each moment and step count
+    as its group's kernel needs them (a fused group's steps on the parameters' device), and the reference's groups,
+    saved by an older torch, lack 'fused' and 'foreach'. Groups that do not pair up are left to torch's error."""
+    groups = saved.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups):
+        return saved
+    return {**saved, "param_groups": [{**theirs, **{k: v for k, v in ours.items() if k != "params"}}
+                                      for theirs, ours in zip(groups, optimizer.param_groups)]}
+
+
+def _check_parameter_order(path: Path, saved: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """torch matches optimizer state to parameters by position. Our files come from this code's own order; the
+    reference's from its model's registration order, which is ours for its MaskedAutoencoderViT and cls-token
+    classifiers but not for a global-pool classifier (models_vit.py adds fc_norm after the head): refuse any
+    difference rather than give one parameter another's moments."""
+    ours = [name for name, param in model.named_parameters() if param.requires_grad]
+    trainable = set(ours)
+    theirs = [name for name in saved if name in trainable]
+    if theirs != ours:
+        first = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+        raise _unmatched(path, f"whose parameters are in another order than this model's ({theirs[first]} where "
+                               f"this model has {ours[first]})")
+
+
+def _unmatched(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: a training checkpoint of the MAE reference's scripts {why}, so its optimizer "
+                           "state cannot be matched to this run's parameters (its weights alone load with --finetune)")
 
 
 def _settings(values: Dict[str, Any], keys: Sequence[str]) -> str:
@@ -148,14 +194,14 @@ def latest_checkpoint(path: Path) -> Optional[Path]:
 
 
 def resume(args: argparse.Namespace, *, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-           recipe: Sequence[str] = ()) -> Optional[Path]:
+           recipe: Sequence[str] = (), unrecorded: Optional[Dict[str, Any]] = None) -> Optional[Path]:
     """The --resume flag, as the reference's misc.load_model: restore the checkpoint `args.resume` names (a file,
     or a directory's latest checkpoint), set `args.start_epoch` to the epoch after it and say so.
 
-    `recipe` names the flags that must be as the checkpoint's run had them (see load_state); other settings that
-    differ (--epochs, to extend a run) are listed. Checkpoints are taken at the end of an epoch and the schedule's
-    position is a fraction of the run's epochs, so a run may resume on another number of GPUs (with
-    --effective_batch_size, the recipe's batch is kept).
+    `recipe` names the flags that must be as the checkpoint's run had them (see load_state, and its `unrecorded`);
+    other settings that differ (--epochs, to extend a run) are listed. Checkpoints are taken at the end of an epoch
+    and the schedule's position is a fraction of the run's epochs, so a run may resume on another number of GPUs
+    (with --effective_batch_size, the recipe's batch is kept).
 
     Returns the checkpoint restored, or None when `args.resume` is empty or a directory with no checkpoint yet, so a
     job that is always launched with --resume OUTPUT_DIR starts fresh the first time. Without --resume, an
@@ -173,11 +219,14 @@ def resume(args: argparse.Namespace, *, model: nn.Module, optimizer: torch.optim
             print(f"--resume {args.resume}: no checkpoint there yet; starting from scratch")
         return None
     state = load_state(checkpoint, model=model, optimizer=optimizer, precision=precision,
-                       expected={k: getattr(args, k) for k in recipe})
+                       expected={k: getattr(args, k) for k in recipe}, unrecorded=unrecorded)
     args.start_epoch = state["epoch"] + 1
     if is_main_process():
-        print(f"resumed from {checkpoint}: epoch {state['epoch']} done, {state['iteration']} iterations")
-        saved, now = state.get("args", {}), vars(args)
+        print(f"resumed from {checkpoint}: epoch {state['epoch']} done, " + (
+            f"{state['iteration']} iterations" if "rng" in state else "a training checkpoint of the MAE reference's "
+            "scripts (model, optimizer and loss scaler restored; it records no random generators, so they start "
+            "afresh from --seed)"))
+        saved, now = state["args"], vars(args)
         changed = [k for k in sorted(saved.keys() & now.keys() - RUN_MECHANICS) if saved[k] != now[k]]
         if changed:
             print(f"settings changed since that run: {_settings(now, changed)} (were {_settings(saved, changed)})")
