@@ -1,4 +1,5 @@
 """Shared by the pretraining tests: tiny image folders drawn with PIL, and tiny runs of pretrain/main_pretrain.py."""
+import argparse
 import os
 import shlex
 import signal
@@ -6,7 +7,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Sequence
 
 import numpy as np
 import pytest
@@ -114,3 +115,21 @@ def run_tool(cmd: List[str], timeout: float = 300) -> subprocess.CompletedProces
 
 def run_main(argv: List[str], launcher: List[str] = (sys.executable,)) -> subprocess.CompletedProcess:
     return run_tool([*launcher, str(MAIN), *map(str, argv)])
+
+
+def as_reference_checkpoint(ours: Path, theirs: Path, *, unrecorded: Sequence[str] = (),
+                            order: Callable[[List[str]], List[str]] = list) -> None:
+    """Our training checkpoint `ours` rewritten as the MAE reference's misc.save_model writes one: model, optimizer,
+    epoch, scaler and args (an argparse.Namespace, without the flags in `unrecorded`); no iteration count, no
+    generators, the step counts as the ints of the torch it ran on, and the model's keys in `order` of ours."""
+    state = torch.load(ours, weights_only=True)
+    optimizer = state["optimizer"]
+    for moments in optimizer["state"].values():
+        moments["step"] = int(moments["step"])
+    for group in optimizer["param_groups"]:
+        for key in ("fused", "foreach", "capturable", "differentiable", "decoupled_weight_decay", "initial_lr"):
+            group.pop(key, None)
+    model = {k: state["model"][k] for k in order(list(state["model"]))}
+    args = argparse.Namespace(**{k: v for k, v in state["args"].items() if k not in unrecorded})
+    torch.save({"model": model, "optimizer": optimizer, "epoch": state["epoch"], "scaler": state["scaler"],
+                "args": args}, theirs)

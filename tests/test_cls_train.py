@@ -13,10 +13,10 @@ from PIL import Image
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-from mae_transfer.checkpoints import read_checkpoint, save_checkpoint
+from mae_transfer.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from mae_transfer.cls import build_classifier
 from mae_transfer.models import mae_vit_tiny_patch16
-from pretrain_helpers import one_thread, run_tool, seed_of_rank_3
+from pretrain_helpers import as_reference_checkpoint, one_thread, run_tool, seed_of_rank_3
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_cls.py"
 sys.path.insert(0, str(TOOL.parent))
@@ -269,6 +269,32 @@ def test_resumed_run_equals_the_uninterrupted_one(blobs, tmp_path):
     b = read_checkpoint(tmp_path / "split" / "classifier.safetensors").state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def _fc_norm_after_head(keys):
+    """The order of models_vit.py's global-pool classifier: fc_norm is added after timm 0.3.2 built the head."""
+    return [k for k in keys if not k.startswith("fc_norm.")] + [k for k in keys if k.startswith("fc_norm.")]
+
+
+def test_a_fine_tuning_run_of_the_reference_scripts_resumes_unless_its_order_forbids(blobs, tmp_path):
+    """A main_finetune.py checkpoint has no generator states: without mixup or drop path, nothing this run draws
+    depends on them, so it continues as the uninterrupted run. A global-pool one lists fc_norm after the head, so
+    its optimizer's moments cannot be matched by position: refused by name."""
+    flags = ("--warmup_epochs", "1", "--blr", "1e-3", "--save_every", "1", "--drop_path", "0", "--cls_token")
+    whole = run(blobs, tmp_path / "whole", "--epochs", "3", *flags)
+    run(blobs, tmp_path / "ours", "--epochs", "3", "--max_steps", "12", *flags)
+    (tmp_path / "split").mkdir()
+    as_reference_checkpoint(tmp_path / "ours" / "checkpoint-1.pth", tmp_path / "split" / "checkpoint-1.pth")
+    assert run(blobs, tmp_path / "split", "--epochs", "3", "--resume", str(tmp_path / "split"), *flags) == whole
+
+    pooled = ("--warmup_epochs", "1", "--save_every", "1", "--global_pool")
+    run(blobs, tmp_path / "pooled", "--epochs", "2", "--max_steps", "6", *pooled)
+    theirs = tmp_path / "theirs" / "checkpoint-0.pth"
+    theirs.parent.mkdir()
+    as_reference_checkpoint(tmp_path / "pooled" / "checkpoint-0.pth", theirs, order=_fc_norm_after_head)
+    with pytest.raises(CheckpointError, match=r"parameters are in another order than this model's \(head\.weight "
+                                              r"where this model has fc_norm\.weight\)"):
+        run(blobs, tmp_path / "theirs", "--epochs", "2", "--resume", str(theirs), *pooled)
 
 def test_each_process_seeds_with_the_run_seed_plus_its_rank(blobs, tmp_path, monkeypatch):
     """As the reference (seed + rank): otherwise every GPU draws the same drop-path masks and mixup pairs."""

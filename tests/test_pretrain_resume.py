@@ -1,6 +1,5 @@
 """Interrupt-and-resume in fresh processes: a run stopped (by --max_steps, or by kill -9 at a random moment) and
 resumed from its checkpoint ends with exactly the parameters of the uninterrupted run."""
-import argparse
 import signal
 import subprocess
 import sys
@@ -10,7 +9,8 @@ import pytest
 import torch
 
 from mae_transfer.checkpoints import CheckpointError, read_checkpoint
-from pretrain_helpers import MAIN, ROOT, make_image_folder, one_thread, run_main, subprocess_env, tiny_flags
+from pretrain_helpers import (MAIN, ROOT, as_reference_checkpoint, make_image_folder, one_thread, run_main,
+                              subprocess_env, tiny_flags)
 
 sys.path.insert(0, str(ROOT / "pretrain"))
 import main_pretrain  # noqa: E402
@@ -81,23 +81,6 @@ def test_a_resumption_keeps_the_recipe_and_a_fresh_run_keeps_off_an_earlier_one(
     assert "all 3 epochs were done: nothing to train" in capsys.readouterr().out
 
 
-def _as_reference_checkpoint(ours, theirs):
-    """Our checkpoint rewritten as the MAE reference's misc.save_model writes one: model, optimizer, epoch, scaler
-    and args (an argparse.Namespace without our decoder and masking flags); no iteration count, no generators, and
-    the step counts as the ints of the torch it ran on."""
-    state = torch.load(ours, weights_only=True)
-    args = {k: v for k, v in state["args"].items() if k not in ("masking", "decoder_embed_dim", "decoder_depth",
-                                                                "decoder_num_heads")}
-    optimizer = state["optimizer"]
-    for moments in optimizer["state"].values():
-        moments["step"] = int(moments["step"])
-    for group in optimizer["param_groups"]:
-        for key in ("fused", "foreach", "capturable", "differentiable", "decoupled_weight_decay", "initial_lr"):
-            group.pop(key, None)
-    torch.save({"model": state["model"], "optimizer": optimizer, "epoch": state["epoch"], "scaler": state["scaler"],
-                "args": argparse.Namespace(**args)}, theirs)
-
-
 def test_a_run_of_the_reference_scripts_resumes_from_its_checkpoint(tmp_path, capsys):
     """Our runs draw each epoch's order, crops and masks from (--seed, epoch, image), so a checkpoint without
     generator states (the reference's) continues exactly as an uninterrupted run of ours; the decoder head count
@@ -108,7 +91,8 @@ def test_a_run_of_the_reference_scripts_resumes_from_its_checkpoint(tmp_path, ca
     _run_here(tiny_flags(tmp_path / "data", tmp_path / "ours", max_steps=2, **common))  # checkpoint-0.pth
     split = tmp_path / "split"
     split.mkdir()
-    _as_reference_checkpoint(tmp_path / "ours" / "checkpoint-0.pth", split / "checkpoint-0.pth")
+    as_reference_checkpoint(tmp_path / "ours" / "checkpoint-0.pth", split / "checkpoint-0.pth",
+                            unrecorded=("masking", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"))
     with pytest.raises(CheckpointError, match="saved by a run with decoder_num_heads=16; this run has "
                                               "decoder_num_heads=4"):
         _run_here(tiny_flags(tmp_path / "data", split, resume=split, **{**common, "decoder_num_heads": None}))
