@@ -62,3 +62,16 @@ def test_one_explicit_gpu_for_several_processes_is_refused(gpus, monkeypatch):
     _launched(monkeypatch, local_rank=0, world_size=4)
     with pytest.raises(ValueError, match=r"--device cuda:1 would put all 4 processes on one GPU"):
         init_distributed("cuda:1")
+
+
+def test_collectives_wait_as_long_as_in_detectron2(monkeypatch):
+    """Rank 0 writing a large checkpoint keeps the others waiting at the next all-reduce: NCCL's default 10 minutes
+    would end the run; detectron2's launch waits 30."""
+    from detectron2.engine.launch import DEFAULT_TIMEOUT
+    joined = {}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: joined.update(kw, backend=backend))
+    _launched(monkeypatch, local_rank=1, world_size=2)
+    init_distributed("cpu")
+    assert joined["backend"] == "gloo" and joined["timeout"] == DEFAULT_TIMEOUT

@@ -5,8 +5,9 @@ the collectives below are no-ops, so training code calls them unconditionally.
 """
 import os
 import random
-from dataclasses import dataclass
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterator, List, Optional
 
 import numpy as np
@@ -17,6 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["DistInfo", "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
            "distributed_run", "data_parallel", "all_reduce", "all_gather_object", "seed_everything"]
+
+# How long a collective waits for every process, as detectron2's launch sets it (and torch for every backend but
+# NCCL): rank 0 alone writes checkpoints (a ViT-H training state is 7.6 GB) while the others wait at the next step's
+# all-reduce, and NCCL's default, 10 minutes, would end a run on a slow shared filesystem.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     dev = _resolve_device(device, local_rank, world_size)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
