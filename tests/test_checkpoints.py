@@ -369,3 +369,11 @@ def test_load_into_reports_and_rejects():
     wide = tiny_encoder(embed_dim=64).state_dict()
     with pytest.raises(CheckpointError, match=r"64 wide, the model 32(.|\n)*cls_token: checkpoint \(1, 1, 64\)"):
         load_into(tiny_encoder(), wide)
+
+
+def test_a_ddp_era_module_container_reads_as_the_model_s(tmp_path):
+    sd = tiny_encoder().state_dict()
+    torch.save({"module": sd, "epoch": 3}, tmp_path / "ddp_era.pth")  # {'module': ...}, as older trainers saved
+    ckpt = read_checkpoint(tmp_path / "ddp_era.pth")
+    assert sorted(ckpt.state_dict) == sorted(sd) and all(torch.equal(ckpt.state_dict[k], v) for k, v in sd.items())
+    assert ckpt.kind == "encoder" and ckpt.extras == {"epoch": 3}

@@ -221,3 +221,20 @@ def test_pos_embed_resized_to_the_input_size_keeps_cls_and_matches_bicubic_by_ha
     torch.testing.assert_close(net.pos_embed[:, 1:], by_hand.permute(0, 2, 3, 1).reshape(1, 16, 48))
     net.eval()
     assert net(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_a_finetuned_checkpoint_gives_its_encoder_and_leaves_its_head_and_fc_norm_behind(tmp_path):
+    """Fine-tuning from an already fine-tuned model (main_finetune's {'model': ...}, 7 classes): its head and
+    fc_norm stay behind (module docstring), so a classifier of another class count starts, and one of the same
+    count starts its own head rather than the old one."""
+    torch.manual_seed(0)
+    finetuned = build_classifier("vit_tiny_patch16", 7, img_size=32, **SMALL).state_dict()
+    torch.save({"model": finetuned, "epoch": 99}, tmp_path / "checkpoint-99.pth")
+    for num_classes in (5, 7):
+        net = classifier("finetune", num_classes=num_classes)
+        init = {k: v.clone() for k, v in net.state_dict().items()}
+        report, _ = load_pretrained(net, tmp_path / "checkpoint-99.pth")
+        assert sorted(report.new) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"], num_classes
+        for name, value in net.state_dict().items():
+            expected = init[name] if name.startswith(("head.", "fc_norm.")) else finetuned[name]
+            assert torch.equal(value, expected), (num_classes, name)

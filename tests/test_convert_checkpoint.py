@@ -164,6 +164,26 @@ def test_timm_loads_a_linear_probe_with_its_batchnorm_folded_into_the_head(tmp_p
         assert_close(vit(x), expected, atol=1e-6 * expected.abs().max().item(), rtol=0)  # float32 rounding
 
 
+def test_a_linear_probe_written_for_the_reference_keeps_its_batchnorm_head(tmp_path):
+    """The reference's layout holds main_linprobe's head as it is (head.0 BatchNorm, head.1 Linear): only a host
+    whose head is one Linear (timm) gets it folded."""
+    sd = _linear_probe().state_dict()
+    torch.save({"model": sd}, tmp_path / "linprobe.pth")
+    convert(tmp_path / "linprobe.pth", tmp_path / "out.pth", "--to", "mae")
+    back = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_encoder_only_leaves_a_finetuned_model_s_head_and_fc_norm_out(tmp_path, capsys):
+    sd = vit_tiny_patch16(img_size=32, patch_size=8, depth=2, global_pool="avg", num_classes=10).state_dict()
+    torch.save({"model": sd}, tmp_path / "mae_finetuned_vit_tiny.pth")
+    convert(tmp_path / "mae_finetuned_vit_tiny.pth", tmp_path / "enc.safetensors", "--to", "timm", "--encoder-only")
+    back = read_checkpoint(tmp_path / "enc.safetensors")
+    assert back.kind == "encoder"
+    assert sorted(back.state_dict) == sorted(k for k in sd if not k.startswith(("head.", "fc_norm.")))
+    assert "dropped 4 tensors:\n    fc_norm.*, head.*: --encoder-only" in capsys.readouterr().out
+
+
 def test_a_batchnorm_head_with_affine_parameters_is_not_folded(tmp_path, capsys):
     sd = _linear_probe().state_dict()
     sd["head.0.weight"], sd["head.0.bias"] = torch.ones(192), torch.zeros(192)

@@ -80,6 +80,15 @@ def test_unknown_target_is_a_usage_error(sources, capsys):
     assert exit_.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--img-size", "--patch-size"])
+def test_a_size_of_zero_is_a_usage_error(sources, capsys, flag):
+    # not taken as "keep the source's size", which is what leaving the flag out says
+    with pytest.raises(SystemExit) as exit_:
+        convert_tool.main([str(sources / "full.pth"), str(sources / "out.pth"), "--to", "mae", flag, "0"])
+    assert exit_.value.code == 2 and f"{flag} must be positive" in capsys.readouterr().err
+    assert not (sources / "out.pth").exists()
+
+
 def test_an_existing_destination_is_never_overwritten(sources, capsys):
     (sources / "precious.pth").write_bytes(b"precious")
     fails(capsys, sources, sources / "full.pth", sources / "precious.pth", "--to", "mae", match="already exists")

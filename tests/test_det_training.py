@@ -16,7 +16,7 @@ from detectron2.structures import Boxes, Instances
 from convert_helpers import load_tool
 from pretrain_helpers import one_thread
 from mae_transfer.data.synthetic import generate_world
-from mae_transfer.det import AP_FILE, ap_table, coco_instances, evaluate
+from mae_transfer.det import AP_FILE, ap_table, coco_instances, evaluate, write_ap_json
 from mae_transfer.det.evaluation import METRICS
 from mae_transfer.models import vit_tiny_patch16
 
@@ -228,3 +228,31 @@ def test_no_detections_score_ap_0_not_nan(coco_world, tmp_path):
     for task in ("bbox", "segm"):
         for metric in ("AP", "AP50", "AP75"):
             assert results[task][metric] == 0.0 and written[task][metric] == 0.0, (task, metric)
+
+
+def _rows(table: str) -> dict:
+    """The table's rows by their label, each as the list of its cells."""
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in table.splitlines()[2:])}
+
+
+def test_ap_table_labels_each_task_s_row_and_takes_a_box_only_result():
+    box = dict(AP=40.0, AP50=61.0, AP75=42.0, APs=math.nan, APm=38.5, APl=45.25)
+    mask = dict(AP=35.0, AP50=58.0, AP75=36.0, APs=math.nan, APm=30.0, APl=41.0)
+    rows = _rows(ap_table({"segm": mask, "bbox": box}))
+    assert rows == {"box": ["40.00", "61.00", "42.00", "nan", "38.50", "45.25"],
+                    "mask": ["35.00", "58.00", "36.00", "nan", "30.00", "41.00"]}
+    # A detector without a mask head: COCOEvaluator reports bbox alone, and the table holds its one row.
+    assert _rows(ap_table({"bbox": box})) == {"box": rows["box"]}
+
+
+def test_ap_json_is_strict_json_with_nan_as_null(tmp_path):
+    write_ap_json({"bbox": dict(AP=12.5, AP50=30.0, APs=math.nan, **{"AP-disc": 7.0})}, tmp_path / AP_FILE,
+                  iteration=7)
+    text = (tmp_path / AP_FILE).read_text()
+
+    def refuse(constant):  # Python's json reads NaN; JSON (RFC 8259), jq and JavaScript do not
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(text, parse_constant=refuse) == {
+        "iteration": 7, "bbox": {"AP": 12.5, "AP50": 30.0, "APs": None, "AP-disc": 7.0}}

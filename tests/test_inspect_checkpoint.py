@@ -138,3 +138,20 @@ def test_a_non_square_position_table_is_shown_as_such(tmp_path, capsys):
     out = inspect(capsys, save_checkpoint(tmp_path / "crops.safetensors", vit.state_dict(), {"num_heads": 3}))
     assert "patch 16, image size unknown (a position table for a non-square patch grid)" in out
     assert "builds with" not in out  # no create_model call can say which grid
+
+
+def test_our_pretraining_export_shows_the_epoch_its_metadata_records(tmp_path, capsys):
+    # main_pretrain.py writes encoder.safetensors with {"model", "epoch", ...} in its metadata header
+    path = save_checkpoint(tmp_path / "encoder.safetensors", tiny_mae().encoder_state_dict(),
+                           {"model": "mae_vit_tiny_patch16", "epoch": 19, "kind": "encoder"})
+    assert inspect(capsys, path, "--json")["present"]["epoch"] == 19
+    assert "optimizer state no, epoch 19" in inspect(capsys, path)
+
+
+def test_an_encoder_converted_for_detectron2_is_an_encoder_not_a_whole_detector(tmp_path, capsys):
+    src = save_checkpoint(tmp_path / "encoder.safetensors", tiny_mae().encoder_state_dict(), {"num_heads": 3})
+    assert load_tool("convert_checkpoint").main([str(src), str(tmp_path / "vit_d2.pth"), "--to", "detectron2"]) == 0
+    capsys.readouterr()
+    info = inspect(capsys, tmp_path / "vit_d2.pth", "--json")
+    assert (info["format"], info["kind"], info["set_aside_parameters"]) == ("detectron2", "encoder", 0)
+    assert "  kind          encoder: encoder only\n" in inspect(capsys, tmp_path / "vit_d2.pth")

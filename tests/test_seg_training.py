@@ -243,3 +243,48 @@ def test_vit_b_and_l_configs_name_the_released_encoder_as_mmseg_does():
         base = Config.fromfile(str(REPO / "seg_configs" / "upernet_mae_vit_base_ade20k_512x512_160k.py"))
         base.merge_from_dict(options)
         assert MODELS.build(base.model).backbone.init_cfg == {"type": "Pretrained", "checkpoint": expected}
+
+
+def test_metrics_report_puts_each_metric_under_its_own_name():
+    from mae_transfer.seg.runner import metrics_report
+    flat = {"aAcc": 90.0, "mIoU": 50.0, "mAcc": 60.0, "IoU.sky": 40.0, "Acc.sky": 70.0,
+            "IoU.road": float("nan"), "Acc.road": float("nan")}  # road: in neither ground truth nor prediction
+    assert metrics_report(flat, ["sky", "road", "car"]) == {
+        "aAcc": 90.0, "mIoU": 50.0, "mAcc": 60.0,
+        "per_class": {"sky": {"IoU": 40.0, "Acc": 70.0}, "road": {"IoU": None, "Acc": None},
+                      "car": {"IoU": None, "Acc": None}}}
+
+
+def test_load_config_work_dir_and_data_root_as_mmseg_s_tools(tmp_path):
+    from mae_transfer.seg.runner import load_config
+    # mmseg's convention: --work-dir, else the config's work_dir (here set through --cfg-options), else
+    # work_dirs/<config file name without .py>
+    assert load_config(str(CONFIG)).work_dir == "work_dirs/upernet_mae_vit_tiny_synthetic_64x64"
+    assert load_config(str(CONFIG), cfg_options={"work_dir": str(tmp_path / "cfg")}).work_dir == str(tmp_path / "cfg")
+    assert load_config(str(CONFIG), cfg_options={"work_dir": str(tmp_path / "cfg")},
+                       work_dir=str(tmp_path / "flag")).work_dir == str(tmp_path / "flag")
+    cfg = load_config(str(CONFIG), data_root=str(tmp_path))
+    assert [cfg[name].dataset.data_root for name in ("train_dataloader", "val_dataloader", "test_dataloader")] == \
+        [str(tmp_path)] * 3
+    with pytest.raises(FileNotFoundError, match=r"--data-root .*nowhere: no such directory"):
+        load_config(str(CONFIG), data_root=str(tmp_path / "nowhere"))
+
+
+def test_the_class_count_check_covers_the_validation_set_when_there_is_one():
+    from types import SimpleNamespace
+    from mmseg.registry import MODELS
+    from mae_transfer.seg.runner import ClassCountCheckHook
+    init_default_scope("mmseg")
+    model = MODELS.build(Config.fromfile(str(CONFIG)).model)  # heads of the synthetic world's 6 classes
+
+    def loader(classes):
+        return SimpleNamespace(dataset=SimpleNamespace(metainfo={"classes": classes}))
+
+    train = loader(CATEGORIES)
+    with pytest.raises(ValueError, match=r"val_dataloader\.dataset \(SimpleNamespace\) has 3 classes .* "
+                                         r"model\.decode_head\.num_classes is 6"):
+        ClassCountCheckHook().before_train(SimpleNamespace(model=model, train_dataloader=train, val_loop=object(),
+                                                           val_dataloader=loader(CATEGORIES[:3])))
+    # Without a validation loop (train_cfg without val_interval) there is no validation set to check.
+    ClassCountCheckHook().before_train(SimpleNamespace(model=model, train_dataloader=train, val_loop=None,
+                                                       val_dataloader=None))

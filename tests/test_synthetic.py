@@ -180,3 +180,49 @@ def test_object_hue_is_its_category_s_as_often_as_documented(category):
         in_band += distance <= synthetic._HUE_BAND / 2
     p = synthetic._CATEGORY_HUE_PROB
     assert in_band / draws == pytest.approx(p + (1 - p) * synthetic._HUE_BAND, abs=0.03)
+
+
+def test_no_image_appears_twice_across_splits_and_datasets(world):
+    """Every split has its own random stream: a validation image that repeated a training one would measure
+    memorisation, not transfer."""
+    pixels = {}
+    for path in sorted(world.rglob("*")):
+        if path.suffix in (".png", ".jpg") and "annotations" not in path.parts:
+            with Image.open(path) as image:
+                pixels.setdefault(hashlib.sha256(np.asarray(image).tobytes()).hexdigest(), []).append(path)
+    assert [paths for paths in pixels.values() if len(paths) > 1] == []
+
+
+def test_ade_label_of_an_object_is_its_category_index_plus_one(tmp_path, monkeypatch):
+    # A hand-made scene (rectangles standing for a disc, category 0, and a cross, category 5) on background.
+    masks = [np.zeros((32, 32), bool) for _ in range(2)]
+    masks[0][2:6, 2:6], masks[1][20:30, 10:12] = True, True
+    scene = synthetic.Scene(np.full((32, 32, 3), 128, np.uint8), [0, 5], masks)
+    monkeypatch.setattr(synthetic, "clutter_scene", lambda rng, size: scene)
+    synthetic._write_ade(tmp_path, "val", 1, 0, 32)
+    expected = np.zeros((32, 32), np.uint8)
+    expected[masks[0]], expected[masks[1]] = CATEGORIES.index("disc") + 1, CATEGORIES.index("cross") + 1
+    with Image.open(tmp_path / "annotations" / "validation" / "000000.png") as label:
+        np.testing.assert_array_equal(np.asarray(label), expected)
+
+
+def test_each_class_folder_holds_its_own_category(tmp_path, monkeypatch):
+    # Each image filled with the grey level of the label it was drawn for, so the file says which label that was.
+    def drawn_for(rng, size, label):
+        return synthetic.Scene(np.full((size, size, 3), label, np.uint8), [label], [np.ones((size, size), bool)])
+
+    monkeypatch.setattr(synthetic, "dominant_scene", drawn_for)
+    synthetic._write_cls(tmp_path, "train", 2, 0, 32)
+    for name in CATEGORIES:
+        for path in sorted((tmp_path / "train" / name).glob("*.png")):
+            with Image.open(path) as image:
+                assert np.unique(np.asarray(image)).tolist() == [CATEGORIES.index(name)], path
+
+
+def test_a_leftover_of_an_interrupted_run_is_replaced(world, tmp_path):
+    out = tmp_path / "world"
+    (tmp_path / "world.partial" / "pretrain" / "train").mkdir(parents=True)  # as a run killed while writing
+    (tmp_path / "world.partial" / "pretrain" / "train" / "000000.png").write_bytes(b"half a png")
+    generate_world(out, seed=0, size="tiny")
+    assert _file_hashes(out) == _file_hashes(world)
+    assert not (tmp_path / "world.partial").exists()
