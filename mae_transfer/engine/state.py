@@ -175,7 +175,7 @@ def _check_parameter_order(path: Path, saved: Dict[str, torch.Tensor], model: nn
 
 def _unmatched(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path}: a training checkpoint of the MAE reference's scripts {why}, so its optimizer "
-                           "state cannot be matched to this run's parameters (its weights alone load with --finetune)")
+                           "state cannot be matched to this run's parameters (its encoder alone loads with --finetune)")
 
 
 def _settings(values: Dict[str, Any], keys: Sequence[str]) -> str:
