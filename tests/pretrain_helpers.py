@@ -7,7 +7,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -118,10 +118,14 @@ def run_main(argv: List[str], launcher: List[str] = (sys.executable,)) -> subpro
 
 
 def as_reference_checkpoint(ours: Path, theirs: Path, *, unrecorded: Sequence[str] = (),
-                            order: Callable[[List[str]], List[str]] = list) -> None:
+                            order: Callable[[List[str]], List[str]] = list,
+                            groups: Optional[Callable[[List[str], Dict[str, torch.Size]], List[List[str]]]] = None
+                            ) -> None:
     """Our training checkpoint `ours` rewritten as the MAE reference's misc.save_model writes one: model, optimizer,
     epoch, scaler and args (an argparse.Namespace, without the flags in `unrecorded`); no iteration count, no
-    generators, the step counts as the ints of the torch it ran on, and the model's keys in `order` of ours."""
+    generators, the step counts as the ints of the torch it ran on. The model's keys come in `order` of ours; with
+    `groups` (the reference's rule: parameter names in registration order -> its optimizer groups), the optimizer's
+    state is numbered as the reference's would be in that order."""
     state = torch.load(ours, weights_only=True)
     optimizer = state["optimizer"]
     for moments in optimizer["state"].values():
@@ -129,7 +133,19 @@ def as_reference_checkpoint(ours: Path, theirs: Path, *, unrecorded: Sequence[st
     for group in optimizer["param_groups"]:
         for key in ("fused", "foreach", "capturable", "differentiable", "decoupled_weight_decay", "initial_lr"):
             group.pop(key, None)
-    model = {k: state["model"][k] for k in order(list(state["model"]))}
+    names = order(list(state["model"]))
+    if groups is not None:
+        shapes = {name: value.shape for name, value in state["model"].items()}
+        ours_grouped = groups(list(state["model"]), shapes)  # our numbering, if the rule is ours
+        assert [len(g) for g in ours_grouped] == [len(g["params"]) for g in optimizer["param_groups"]]
+        our_index = {name: i for i, name in enumerate(n for g in ours_grouped for n in g)}
+        settings = {n: saved for g, saved in zip(ours_grouped, optimizer["param_groups"]) for n in g}
+        their_grouped = groups(names, shapes)
+        their_index = {name: i for i, name in enumerate(n for g in their_grouped for n in g)}
+        optimizer = {"state": {their_index[n]: optimizer["state"][our_index[n]] for n in their_index
+                               if our_index[n] in optimizer["state"]},
+                     "param_groups": [{**{k: v for k, v in settings[g[0]].items() if k != "params"},
+                                       "params": [their_index[n] for n in g]} for g in their_grouped]}
     args = argparse.Namespace(**{k: v for k, v in state["args"].items() if k not in unrecorded})
-    torch.save({"model": model, "optimizer": optimizer, "epoch": state["epoch"], "scaler": state["scaler"],
-                "args": args}, theirs)
+    torch.save({"model": {k: state["model"][k] for k in names}, "optimizer": optimizer, "epoch": state["epoch"],
+                "scaler": state["scaler"], "args": args}, theirs)

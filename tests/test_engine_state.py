@@ -148,31 +148,60 @@ def _reference_checkpoint(path, weights, optimizer_state, **args):
                 "args": argparse.Namespace(**args)}, path)
 
 
-def test_a_reference_checkpoint_resumes_unless_its_parameters_cannot_be_matched(tmp_path):
-    model, opt = _model_and_optimizer(0)
-    precision = Precision("none", torch.device("cpu"))
-    _train_step(model, opt)
+class _Net(torch.nn.Module):
+    """Linear, LayerNorm, Linear, registered in `order`: models_vit.py registers fc_norm after the head."""
+
+    def __init__(self, order):
+        super().__init__()
+        torch.manual_seed(0)
+        layers = {"a": torch.nn.Linear(4, 8), "norm": torch.nn.LayerNorm(8), "b": torch.nn.Linear(8, 1)}
+        for name in order:
+            self.add_module(name, layers[name])
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+def _same_by_name(a, b, what):
+    params = dict(b.named_parameters())
+    for name, value in a.named_parameters():
+        assert torch.equal(what(value), what(params[name])), name
+
+
+def test_a_reference_checkpoint_resumes_its_moments_by_name_in_its_own_order(tmp_path):
+    """The reference numbers its optimizer's parameters in its model's order (fc_norm after the head): matched by
+    position, as torch does, the norm's moments would go to the second Linear. Continued one step, the resumed model
+    is where the reference's own continues."""
+    theirs = _Net(["a", "b", "norm"])
+    their_opt = adamw(param_groups(theirs, 0.05), lr=1e-2)
+    _train_step(theirs, their_opt)
     path = tmp_path / "checkpoint-4.pth"
-    _reference_checkpoint(path, model.state_dict(), opt.state_dict(), model="mae_vit_tiny_patch16", epochs=9)
-    fresh, fresh_opt = _model_and_optimizer(1)
-    state = load_state(path, model=fresh, optimizer=fresh_opt, precision=precision,
+    _reference_checkpoint(path, theirs.state_dict(), their_opt.state_dict(), model="mae_vit_tiny_patch16", epochs=9)
+    ours = _Net(["a", "norm", "b"])
+    our_opt = adamw(param_groups(ours, 0.05), lr=1e-2)
+    state = load_state(path, model=ours, optimizer=our_opt, precision=Precision("none", torch.device("cpu")),
                        expected={"model": "mae_vit_tiny_patch16", "masking": "random"},
                        unrecorded={"masking": "random"})
     assert state["epoch"] == 4 and state["args"] == {"masking": "random", "model": "mae_vit_tiny_patch16", "epochs": 9}
-    assert torch.equal(fresh[0].weight, model[0].weight)
+    _same_by_name(theirs, ours, lambda p: p)
+    _same_by_name(theirs, ours, lambda p: (their_opt.state.get(p) or our_opt.state[p])["exp_avg_sq"])
+    for model, opt in ((theirs, their_opt), (ours, our_opt)):
+        torch.manual_seed(1)
+        _train_step(model, opt)
+    _same_by_name(theirs, ours, lambda p: p)
     with pytest.raises(CheckpointError, match="saved by a run with masking=random; this run has masking=block"):
-        load_state(path, model=fresh, optimizer=fresh_opt, precision=precision, expected={"masking": "block"},
-                   unrecorded={"masking": "random"})
+        load_state(path, model=ours, optimizer=our_opt, precision=Precision("none", torch.device("cpu")),
+                   expected={"masking": "block"}, unrecorded={"masking": "random"})
 
-    # models_vit.py registers fc_norm after the head: its parameters come in another order than the optimizer's
-    reordered = dict(reversed(list(model.state_dict().items())))
-    _reference_checkpoint(path, reordered, opt.state_dict())
-    with pytest.raises(CheckpointError, match=r"MAE reference's scripts whose parameters are in another order than "
-                                              r"this model's \(2\.bias where this model has 0\.weight\)"):
-        load_state(path, model=fresh, optimizer=fresh_opt, precision=precision)
 
-    # main_linprobe.py's LARS: one group where this run has weight-decay and no-decay groups
-    one_group = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    _reference_checkpoint(path, model.state_dict(), one_group.state_dict())
-    with pytest.raises(CheckpointError, match="MAE reference's scripts whose optimizer groups are not this run's"):
-        load_state(path, model=fresh, optimizer=fresh_opt, precision=precision)
+def test_a_reference_optimizer_group_of_a_kind_this_run_lacks_is_refused_by_name(tmp_path):
+    """One group decaying every parameter, where this run decays matrices only: nothing to match it by."""
+    theirs, ours = _Net(["a", "norm", "b"]), _Net(["a", "norm", "b"])
+    one_group = torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.01)
+    _train_step(theirs, one_group)
+    path = tmp_path / "checkpoint-4.pth"
+    _reference_checkpoint(path, theirs.state_dict(), one_group.state_dict())
+    with pytest.raises(CheckpointError, match=r"MAE reference's scripts whose optimizer group 0 \(weight decay "
+                                              r"0\.01\) holds 6 parameters where this run has 2 of that kind"):
+        load_state(path, model=ours, optimizer=adamw(param_groups(ours, 0.05), lr=1e-2),
+                   precision=Precision("none", torch.device("cpu")))

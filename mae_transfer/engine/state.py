@@ -9,6 +9,7 @@ A training checkpoint of the MAE reference's scripts (misc.save_model: model, op
 too: the schedule's position follows from its epoch, as in the reference; it has no generator states to restore.
 """
 import argparse
+import math
 import random
 import re
 from pathlib import Path
@@ -134,13 +135,11 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise mismatch("model", ("model", "input_size", "nb_classes"), err) from None
-    if reference:
-        _check_parameter_order(path, state["model"], model)
+    saved_optimizer = (_renumbered(path, state["optimizer"], state["model"], model, optimizer) if reference
+                       else state["optimizer"])
     try:
-        optimizer.load_state_dict(_with_settings_of(optimizer, state["optimizer"]))
+        optimizer.load_state_dict(_with_settings_of(optimizer, saved_optimizer))
     except ValueError as err:  # the parameter groups differ: another fine-tuning mode or layer decay
-        if reference:  # e.g. main_linprobe.py's LARS holds the head's parameters in one group
-            raise _unmatched(path, f"whose optimizer groups are not this run's ({err})") from None
         raise mismatch("optimizer", ("mode", "partial_blocks", "layer_decay", "weight_decay"), err) from None
     precision.load_state_dict(state.get("scaler") or {})
     if not reference and len(state["rng"]) == get_world_size():
@@ -150,8 +149,8 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
 
 def _with_settings_of(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> Dict[str, Any]:
     """`saved` with `optimizer`'s group settings, applied before loading: torch places each moment and step count
-    as its group's kernel needs them (a fused group's steps on the parameters' device), and the reference's groups,
-    saved by an older torch, lack 'fused' and 'foreach'. Groups that do not pair up are left to torch's error."""
+    as its group's kernel needs them (a fused group's steps on the parameters' device). Groups that do not pair up
+    are left to torch's error."""
     groups = saved.get("param_groups", [])
     if len(groups) != len(optimizer.param_groups):
         return saved
@@ -159,23 +158,60 @@ def _with_settings_of(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -
                                       for theirs, ours in zip(groups, optimizer.param_groups)]}
 
 
-def _check_parameter_order(path: Path, saved: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    """torch matches optimizer state to parameters by position. Our files come from this code's own order; the
-    reference's from its model's registration order, which is ours for its MaskedAutoencoderViT and cls-token
-    classifiers but not for a global-pool classifier (models_vit.py adds fc_norm after the head): refuse any
-    difference rather than give one parameter another's moments."""
-    ours = [name for name, param in model.named_parameters() if param.requires_grad]
-    trainable = set(ours)
-    theirs = [name for name in saved if name in trainable]
-    if theirs != ours:
-        first = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
-        raise _unmatched(path, f"whose parameters are in another order than this model's ({theirs[first]} where "
-                               f"this model has {ours[first]})")
+def _renumbered(path: Path, saved: Dict[str, Any], weights: Dict[str, torch.Tensor], model: nn.Module,
+                optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """A reference checkpoint's optimizer state, numbered as `optimizer` numbers its parameters.
+
+    torch matches saved state to parameters by position: the i-th parameter of the saved groups, taken in order.
+    The reference's scripts number them group by group (one lr_scale, weight decay or none: timm's add_weight_decay,
+    lr_decay.param_groups_lrd, LARS over the head), each group in their model's registration order, which is not
+    always ours (models_vit.py adds fc_norm after the head), and in groups that need not be ours (one per layer where
+    a --layer_decay 1 run of ours has one per kind). So each saved group takes, in the checkpoint's key order, the
+    next of this run's parameters of its kind (its lr_scale; weight decay or none): right wherever groups of one
+    kind follow one another in that order, as in each of those rules. Every moment must have its parameter's shape."""
+    name_of = {id(param): name for name, param in model.named_parameters()}
+    ours = [(name_of[id(param)], group) for group in optimizer.param_groups for param in group["params"]]
+    index = {name: i for i, (name, _) in enumerate(ours)}
+    group_of, params = dict(ours), dict(model.named_parameters())
+    waiting = [name for name in weights if name in index]  # the checkpoint's order
+    state = {}
+    for number, group in enumerate(saved["param_groups"]):
+        members = [name for name in waiting if _same_kind(group, group_of[name])][:len(group["params"])]
+        if len(members) < len(group["params"]):
+            raise _unmatched(path, f"whose optimizer group {number} ({_kind(group)}) holds {len(group['params'])} "
+                                   f"parameters where this run has {len(members)} of that kind")
+        for saved_index, name in zip(group["params"], members):
+            moments = saved["state"].get(saved_index, {})
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.ndim and value.shape != params[name].shape:
+                    raise _unmatched(path, f"whose {key} for {name} is {tuple(value.shape)}, the parameter "
+                                           f"{tuple(params[name].shape)}")
+            if moments:
+                state[index[name]] = moments
+        taken = set(members)
+        waiting = [name for name in waiting if name not in taken]
+    if waiting:
+        raise _unmatched(path, f"whose optimizer holds no place for {len(waiting)} of this run's parameters "
+                               f"({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''})")
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return {"state": state, "param_groups": [{"params": list(range(start, start + size))}
+                                             for start, size in zip(starts, sizes)]}
+
+
+def _same_kind(theirs: Dict[str, Any], ours: Dict[str, Any]) -> bool:
+    return (math.isclose(theirs.get("lr_scale", 1.0), ours.get("lr_scale", 1.0), rel_tol=1e-6)
+            and (theirs["weight_decay"] == 0) == (ours["weight_decay"] == 0))
+
+
+def _kind(group: Dict[str, Any]) -> str:
+    decay = f"weight decay {group['weight_decay']}" if group["weight_decay"] else "no weight decay"
+    return decay + (f", lr_scale {group['lr_scale']:.4g}" if "lr_scale" in group else "")
 
 
 def _unmatched(path: Path, why: str) -> CheckpointError:
-    return CheckpointError(f"{path}: a training checkpoint of the MAE reference's scripts {why}, so its optimizer "
-                           "state cannot be matched to this run's parameters (its encoder alone loads with --finetune)")
+    return CheckpointError(f"{path}: a training checkpoint of the MAE reference's scripts {why}; resume with the "
+                           "flags its run had (its weight decay, layer decay and mode make its optimizer's groups)")
 
 
 def _settings(values: Dict[str, Any], keys: Sequence[str]) -> str:
