@@ -6,7 +6,8 @@ tensors and plain containers, so it reloads with torch.load(weights_only=True), 
 killed while saving leaves the previous checkpoint untouched.
 
 A training checkpoint of the MAE reference's scripts (misc.save_model: model, optimizer, epoch, scaler, args) resumes
-too: the schedule's position follows from its epoch, as in the reference; it has no generator states to restore.
+too: its optimizer's moments are matched to our parameters by name, the schedule's position follows from its epoch,
+as in the reference; it has no generator states to restore.
 """
 import argparse
 import math
