@@ -205,3 +205,22 @@ def test_a_reference_optimizer_group_of_a_kind_this_run_lacks_is_refused_by_name
                                               r"0\.01\) holds 6 parameters where this run has 2 of that kind"):
         load_state(path, model=ours, optimizer=adamw(param_groups(ours, 0.05), lr=1e-2),
                    precision=Precision("none", torch.device("cpu")))
+
+
+def test_a_reference_linear_probe_with_weight_decay_resumes_its_momenta_by_name(tmp_path):
+    """main_linprobe.py's LARS holds the head in one group of its --weight_decay; ours splits it by decay (LARS, its
+    and ours, decays exactly the parameters with ndim > 1 either way). Same flags: it resumes, and continues as the
+    reference's own run."""
+    from mae_transfer.cls import LARS
+    theirs, ours = _Net(["a", "norm", "b"]), _Net(["a", "norm", "b"])
+    their_opt = LARS(theirs.parameters(), lr=0.1, weight_decay=0.05)
+    _train_step(theirs, their_opt)
+    path = tmp_path / "checkpoint-4.pth"
+    _reference_checkpoint(path, theirs.state_dict(), their_opt.state_dict(), weight_decay=0.05)
+    our_opt = LARS(param_groups(ours, 0.05), lr=0.1, weight_decay=0.05)
+    load_state(path, model=ours, optimizer=our_opt, precision=Precision("none", torch.device("cpu")))
+    _same_by_name(theirs, ours, lambda p: (their_opt.state.get(p) or our_opt.state[p])["mu"])
+    for model, opt in ((theirs, their_opt), (ours, our_opt)):
+        torch.manual_seed(1)
+        _train_step(model, opt)
+    _same_by_name(theirs, ours, lambda p: p)

@@ -201,8 +201,11 @@ def _renumbered(path: Path, saved: Dict[str, Any], weights: Dict[str, torch.Tens
 
 
 def _same_kind(theirs: Dict[str, Any], ours: Dict[str, Any]) -> bool:
+    # LARS (the reference's and ours) decays exactly the parameters with ndim > 1, whatever its group's weight decay:
+    # main_linprobe.py's one group over the head holds what ours splits by decay, so decay tells no kinds apart there.
+    lars = "trust_coefficient" in theirs and "trust_coefficient" in ours
     return (math.isclose(theirs.get("lr_scale", 1.0), ours.get("lr_scale", 1.0), rel_tol=1e-6)
-            and (theirs["weight_decay"] == 0) == (ours["weight_decay"] == 0))
+            and (lars or (theirs["weight_decay"] == 0) == (ours["weight_decay"] == 0)))
 
 
 def _kind(group: Dict[str, Any]) -> str:
