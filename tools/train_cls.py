@@ -345,7 +345,7 @@ def train(args: argparse.Namespace, net: torch.nn.Module, train_set, val_loader:
         except NonFiniteLossError as err:
             exit_on_non_finite(err, log, last_checkpoint)
         # Without --dist_eval every process evaluates the whole set, as in the reference: processes left waiting at
-        # the next collective while one evaluates would meet NCCL's 10-minute timeout on a large model.
+        # the next collective while one evaluates a large model on a large set could meet the collectives' timeout.
         metrics = evaluate(model_without_ddp, val_loader, precision, sharded=args.dist_eval,
                            show_progress=dist.is_main)
         if dist.is_main:

@@ -167,9 +167,11 @@ def _renumbered(path: Path, saved: Dict[str, Any], weights: Dict[str, torch.Tens
     The reference's scripts number them group by group (one lr_scale, weight decay or none: timm's add_weight_decay,
     lr_decay.param_groups_lrd, LARS over the head), each group in their model's registration order, which is not
     always ours (models_vit.py adds fc_norm after the head), and in groups that need not be ours (one per layer where
-    a --layer_decay 1 run of ours has one per kind). So each saved group takes, in the checkpoint's key order, the
-    next of this run's parameters of its kind (its lr_scale; weight decay or none): right wherever groups of one
-    kind follow one another in that order, as in each of those rules. Every moment must have its parameter's shape."""
+    a --layer_decay 1 run of ours has one per kind; at weight decay 0, timm 0.3.2 keeps a no-decay and a decay group
+    where today's timm makes one). So each saved parameter takes the next of this run's parameters, in the
+    checkpoint's key order, of its group's kind (its lr_scale; weight decay or none) and of its moments' shape:
+    right wherever groups of one kind follow one another in that order or differ in shapes, as in each of those
+    rules."""
     name_of = {id(param): name for name, param in model.named_parameters()}
     ours = [(name_of[id(param)], group) for group in optimizer.param_groups for param in group["params"]]
     index = {name: i for i, (name, _) in enumerate(ours)}
@@ -177,20 +179,18 @@ def _renumbered(path: Path, saved: Dict[str, Any], weights: Dict[str, torch.Tens
     waiting = [name for name in weights if name in index]  # the checkpoint's order
     state = {}
     for number, group in enumerate(saved["param_groups"]):
-        members = [name for name in waiting if _same_kind(group, group_of[name])][:len(group["params"])]
-        if len(members) < len(group["params"]):
-            raise _unmatched(path, f"whose optimizer group {number} ({_kind(group)}) holds {len(group['params'])} "
-                                   f"parameters where this run has {len(members)} of that kind")
-        for saved_index, name in zip(group["params"], members):
+        for saved_index in group["params"]:
             moments = saved["state"].get(saved_index, {})
-            for key, value in moments.items():
-                if torch.is_tensor(value) and value.ndim and value.shape != params[name].shape:
-                    raise _unmatched(path, f"whose {key} for {name} is {tuple(value.shape)}, the parameter "
-                                           f"{tuple(params[name].shape)}")
+            shape = next((tuple(v.shape) for v in moments.values() if torch.is_tensor(v) and v.ndim), None)
+            name = next((candidate for candidate in waiting if _same_kind(group, group_of[candidate])
+                         and shape in (None, tuple(params[candidate].shape))), None)
+            if name is None:
+                raise _unmatched(path, f"whose optimizer group {number} ({_kind(group)}) holds a parameter"
+                                       f"{f' of shape {shape}' if shape else ''} where this run has none of that "
+                                       "kind left")
+            waiting.remove(name)
             if moments:
                 state[index[name]] = moments
-        taken = set(members)
-        waiting = [name for name in waiting if name not in taken]
     if waiting:
         raise _unmatched(path, f"whose optimizer holds no place for {len(waiting)} of this run's parameters "
                                f"({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''})")
