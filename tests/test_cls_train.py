@@ -270,7 +270,6 @@ def test_resumed_run_equals_the_uninterrupted_one(blobs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-
 def _fc_norm_after_head(keys):
     """The order of models_vit.py's global-pool classifier: fc_norm is added after timm 0.3.2 built the head."""
     return [k for k in keys if not k.startswith("fc_norm.")] + [k for k in keys if k.startswith("fc_norm.")]

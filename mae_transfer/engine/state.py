@@ -172,10 +172,11 @@ def _renumbered(path: Path, saved: Dict[str, Any], weights: Dict[str, torch.Tens
     checkpoint's key order, of its group's kind (its lr_scale; weight decay or none) and of its moments' shape:
     right wherever groups of one kind follow one another in that order or differ in shapes, as in each of those
     rules."""
-    name_of = {id(param): name for name, param in model.named_parameters()}
+    params = dict(model.named_parameters())
+    name_of = {id(param): name for name, param in params.items()}
     ours = [(name_of[id(param)], group) for group in optimizer.param_groups for param in group["params"]]
     index = {name: i for i, (name, _) in enumerate(ours)}
-    group_of, params = dict(ours), dict(model.named_parameters())
+    group_of = dict(ours)
     waiting = [name for name in weights if name in index]  # the checkpoint's order
     state = {}
     for number, group in enumerate(saved["param_groups"]):
