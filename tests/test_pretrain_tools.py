@@ -162,6 +162,16 @@ def test_benchmark_prints_the_table(capsys):
     assert out.count("x (rounds ") == 4  # two ratios, each raw and at equal matmul speed
 
 
+def test_benchmark_profile_lists_the_step_s_operators(capsys):
+    model = mae_vit_tiny_patch16(img_size=32)
+    step = benchmark_pretrain.make_step(model, lambda m, x: m(x, mask_ratio=0.75)[0], torch.device("cpu"), None, False)
+    benchmark_pretrain.print_profile("ours", step, torch.randn(2, 3, 32, 32), steps=3)
+    out = capsys.readouterr().out
+    assert "row 'ours': 3 profiled steps" in out
+    calls = {line.split()[0]: int(line.split()[-1]) for line in out.splitlines() if line.strip().startswith("aten::")}
+    assert calls["aten::_fused_adamw_"] == 3 * 2  # one fused update per step and parameter group (decay, no decay)
+
+
 def test_benchmark_ratio_is_the_median_of_ratios_within_a_round():
     # Round 2 ran at half speed throughout: its rows are slower, but its ratio is the same as round 1's and 3's.
     base = [dict(step_s=1.0), dict(step_s=2.0), dict(step_s=1.0)]

@@ -17,7 +17,8 @@ machine whose speed drifts between rows still gives comparable rows; ratios are 
 matmul speed. Each row runs in a fresh process; its memory is the peak allocated on the GPU, or on CPU the growth of
 its peak resident set over its size before training. The rows are measured in --rounds rounds (every other one in
 reverse order); the table gives medians over rounds, and each ratio is the median of the ratios within a round, with
-their range: one run per row can land a few percent either side of 1.0 on a shared 2-core VM.
+their range: one run per row can land a few percent either side of 1.0 on a shared 2-core VM. `--profile N` also
+prints, for each row, torch.profiler's operators (and CUDA kernels) over N more steps, by self time.
 """
 import argparse
 import multiprocessing
@@ -30,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from mae_transfer.engine import adamw, param_groups
@@ -157,6 +159,22 @@ def time_step(step: Step, images: torch.Tensor, warmup: int, steps: int,
     return times, rates
 
 
+def print_profile(row: str, step: Step, images: torch.Tensor, steps: int, top: int = 15) -> None:
+    """Where `steps` more steps of `row` spend their time: torch.profiler's operators (and on CUDA its kernels) by
+    self time on the device that runs them."""
+    cuda = images.device.type == "cuda"
+    sync(images.device)
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(images)
+        sync(images.device)
+        wall = time.perf_counter() - t0
+    print(f"\nrow {row!r}: {steps} profiled steps, {1e3 * wall / steps:.1f} ms each (the profiler slows them)")
+    print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=top))
+
+
 ROWS = {
     "ours": "ours (encoder on visible patches)",
     "mask_tokens": "ours, encoder w/ mask tokens",
@@ -184,12 +202,14 @@ def measure(row: str, args: argparse.Namespace, device: torch.device) -> Dict[st
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline = resident_bytes()
-    times, rates = time_step(make_step(model, loss_of, device, amp, compile_model), images, args.warmup, args.steps,
-                             probe)
+    step = make_step(model, loss_of, device, amp, compile_model)
+    times, rates = time_step(step, images, args.warmup, args.steps, probe)
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device) - probe.nbytes
     else:  # the process's peak resident set (ru_maxrss, KiB) over its size before training started
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    if args.profile:
+        print_profile(row, step, images, args.profile)
     # cost: each step in matmul-peak FLOPs (seconds x the machine's matmul rate right after it)
     return dict(flops=flops, step_s=statistics.median(times), peak=statistics.median(rates),
                 cost=statistics.median(t * r for t, r in zip(times, rates)), memory=memory)
@@ -208,6 +228,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's, all cores)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
                         help="what to measure; the first is the baseline of the ratios")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many steps of each row and print where their time goes")
     parser.add_argument("--rounds", type=int, default=3,
                         help="measure every row this many times, in turn (medians and the ratios' range reported)")
     args = parser.parse_args(argv)

@@ -114,7 +114,7 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     reference checkpoint, generators keep their fresh seeds.
     """
     state = load_training_state(path)
-    reference = REFERENCE_KEYS <= state.keys() and "rng" not in state
+    reference = _is_reference(state)
     missing = [k for k in ("model", "optimizer", "epoch", "iteration", "rng") if k not in state]
     if missing and not reference:
         raise CheckpointError(f"{path}: not a training state saved by mae-transfer or the MAE reference's scripts "
@@ -146,6 +146,11 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     if not reference and len(state["rng"]) == get_world_size():
         set_rng_state(state["rng"][get_rank()], precision.device)
     return {**state, "args": saved}
+
+
+def _is_reference(state: Dict[str, Any]) -> bool:
+    """A training checkpoint of the MAE reference's scripts (misc.save_model): its keys, and no generators."""
+    return REFERENCE_KEYS <= state.keys() and "rng" not in state
 
 
 def _with_settings_of(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> Dict[str, Any]:
@@ -264,9 +269,9 @@ def resume(args: argparse.Namespace, *, model: nn.Module, optimizer: torch.optim
     args.start_epoch = state["epoch"] + 1
     if is_main_process():
         print(f"resumed from {checkpoint}: epoch {state['epoch']} done, " + (
-            f"{state['iteration']} iterations" if "rng" in state else "a training checkpoint of the MAE reference's "
-            "scripts (model, optimizer and loss scaler restored; it records no random generators, so they start "
-            "afresh from --seed)"))
+            "a training checkpoint of the MAE reference's scripts (model, optimizer and loss scaler restored; it "
+            "records no random generators, so they start afresh from --seed)" if _is_reference(state)
+            else f"{state['iteration']} iterations"))
         saved, now = state["args"], vars(args)
         changed = [k for k in sorted(saved.keys() & now.keys() - RUN_MECHANICS) if saved[k] != now[k]]
         if changed:
