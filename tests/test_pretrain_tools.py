@@ -152,10 +152,13 @@ def test_flop_count_equals_the_hand_formula():
     assert counted == 3 * forward_all - patch_embed
 
 
-def test_benchmark_prints_the_table(capsys):
+def test_benchmark_prints_the_table(capfd):
     benchmark_pretrain.main(["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "2",
-                             "--warmup", "1", "--steps", "1", "--device", "cpu", "--threads", "1", "--rounds", "2"])
-    out = capsys.readouterr().out
+                             "--warmup", "1", "--steps", "1", "--device", "cpu", "--threads", "1", "--rounds", "2",
+                             "--profile", "1"])
+    out = capfd.readouterr().out  # the rows' processes print their profiles: capfd sees their output too
+    profiled = [line.split(":")[0] for line in out.splitlines() if ": 1 profiled steps" in line]
+    assert profiled == ["row 'ours'", "row 'mask_tokens'", "row 'transformers'"]  # each once: the first round only
     for row in ("ours (encoder on visible patches)", "ours, encoder w/ mask tokens", "ViTMAE", "matmul peak",
                 "at equal matmul speed", "Table 2 speed-up", "ours / transformers", "median over 2 rounds"):
         assert row in out

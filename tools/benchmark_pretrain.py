@@ -18,7 +18,8 @@ matmul speed. Each row runs in a fresh process; its memory is the peak allocated
 its peak resident set over its size before training. The rows are measured in --rounds rounds (every other one in
 reverse order); the table gives medians over rounds, and each ratio is the median of the ratios within a round, with
 their range: one run per row can land a few percent either side of 1.0 on a shared 2-core VM. `--profile N` also
-prints, for each row, torch.profiler's operators (and CUDA kernels) over N more steps, by self time.
+prints, for each row, torch.profiler's operators (and CUDA kernels) over N more steps in the first round, by self
+time.
 """
 import argparse
 import multiprocessing
@@ -34,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from mae_transfer.engine import adamw, param_groups
+from mae_transfer.engine import adamw, param_groups, positive_int
 from mae_transfer.models import MODELS, MaskedAutoencoderViT, apply_masking, create_model, masking_noise
 
 Step = Callable[[torch.Tensor], torch.Tensor]  # images -> loss
@@ -182,8 +183,9 @@ ROWS = {
 }
 
 
-def measure(row: str, args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
-    """One row, meant to run in a fresh process: its peak memory is then its own."""
+def measure(row: str, args: argparse.Namespace, device: torch.device, profile_steps: int = 0) -> Dict[str, float]:
+    """One row, meant to run in a fresh process: its peak memory is then its own. `profile_steps` more steps are
+    profiled after the timed ones (print_profile)."""
     amp = torch.bfloat16 if device.type == "cuda" else None
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,8 +210,8 @@ def measure(row: str, args: argparse.Namespace, device: torch.device) -> Dict[st
         memory = torch.cuda.max_memory_allocated(device) - probe.nbytes
     else:  # the process's peak resident set (ru_maxrss, KiB) over its size before training started
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    if args.profile:
-        print_profile(row, step, images, args.profile)
+    if profile_steps:
+        print_profile(row, step, images, profile_steps)
     # cost: each step in matmul-peak FLOPs (seconds x the machine's matmul rate right after it)
     return dict(flops=flops, step_s=statistics.median(times), peak=statistics.median(rates),
                 cost=statistics.median(t * r for t, r in zip(times, rates)), memory=memory)
@@ -228,8 +230,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's, all cores)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
                         help="what to measure; the first is the baseline of the ratios")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="also profile this many steps of each row and print where their time goes")
+    parser.add_argument("--profile", type=positive_int, default=0, metavar="STEPS",
+                        help="also profile this many steps of each row (in the first round) and print where their "
+                             "time goes")
     parser.add_argument("--rounds", type=int, default=3,
                         help="measure every row this many times, in turn (medians and the ratios' range reported)")
     args = parser.parse_args(argv)
@@ -248,7 +251,7 @@ def main(argv=None) -> None:
     for r in range(args.rounds):
         for row in args.rows if r % 2 == 0 else args.rows[::-1]:
             with context.Pool(1) as pool:
-                rounds[row].append(pool.apply(measure, (row, args, device)))
+                rounds[row].append(pool.apply(measure, (row, args, device, args.profile if r == 0 else 0)))
     results = [dict(medians(rounds[row]), row=row) for row in args.rows]
     names = dict(ROWS)
     if "transformers" in args.rows:
