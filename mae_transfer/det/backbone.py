@@ -45,8 +45,8 @@ class FusedAttention(d2_vit.Attention):
 
 class ViT(d2_vit.ViT):
     """detectron2's ViTDet backbone (every argument is detectron2's) with fused attention and
-    torch.utils.checkpoint activation checkpointing (`use_act_checkpoint=True` trades compute for memory:
-    ViT-L/H at 1024 px fit on 24 GB cards with it)."""
+    torch.utils.checkpoint activation checkpointing (`use_act_checkpoint=True` recomputes each block's activations
+    in the backward pass: compute for memory, ViTDet's remedy when ViT-L/H does not fit a GPU)."""
 
     def __init__(self, *, use_act_checkpoint: bool = False, fused_attn: bool = True, **kwargs):
         super().__init__(**kwargs)  # without use_act_checkpoint: detectron2's would import fairscale
