@@ -13,7 +13,7 @@ from PIL import Image
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-from mae_transfer.checkpoints import read_checkpoint, save_checkpoint
+from mae_transfer.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from mae_transfer.cls import build_classifier
 from mae_transfer.models import mae_vit_tiny_patch16
 from pretrain_helpers import as_reference_checkpoint, one_thread, run_tool, seed_of_rank_3
@@ -249,6 +249,8 @@ def test_resumed_run_equals_the_uninterrupted_one(blobs, tmp_path):
     whole = run(blobs, tmp_path / "whole", "--epochs", "3", *flags)
     run(blobs, tmp_path / "split", "--epochs", "3", "--max_steps", "12", *flags)  # stops after 2 of 3 epochs
     assert not (tmp_path / "split" / "checkpoint-2.pth").exists()
+    with pytest.raises(CheckpointError, match="holds checkpoint-1.pth of an earlier run: add --resume"):
+        run(blobs, tmp_path / "split", "--epochs", "3", *flags)  # would overwrite checkpoint-0 and -1
     resumed = run(blobs, tmp_path / "split", "--epochs", "3", "--resume", str(tmp_path / "split"), *flags)
     assert resumed == whole
     # the split run's log records both of its parts, each with its settings as resolved

@@ -175,6 +175,24 @@ def test_checkpoint_of_another_width_is_refused_by_name(detector_cfg, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
 
 
+def test_a_segmentation_backbone_s_own_parts_are_refused_by_name(detector_cfg, tmp_path):
+    """Trained layer scale and relative position bias (train_seg.py's, mmseg's) have no place in detectron2's ViT:
+    refused, naming them, rather than dropped from a backbone that was trained with them."""
+    encoder = vit_tiny_patch16(img_size=64, depth=DEPTH).state_dict()
+    for i in range(DEPTH):  # as tools/train_seg.py's backbone holds them (64 px: a 4 x 4 grid, 3 heads)
+        encoder[f"blocks.{i}.ls1.gamma"] = torch.full((192,), 0.1)
+        encoder[f"blocks.{i}.rel_pos_bias.table"] = torch.randn((2 * 4 - 1) ** 2 + 3, 3)
+    path = _save_reference(tmp_path / "seg_backbone.pth", encoder)
+    model = instantiate(detector_cfg.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as error:
+        ViTDetCheckpointer(model).load(str(path))
+    assert f"{path} (mae, encoder) has tensors the model has no place for:" in str(error.value)
+    assert "backbone.net.blocks.{0..1}.ls1.gamma" in str(error.value)
+    assert "backbone.net.blocks.{0..1}.rel_pos_bias.table" in str(error.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
+
+
 def test_matching_heuristics_are_refused(detector_cfg, tmp_path):
     encoder = vit_tiny_patch16(img_size=64, depth=DEPTH).state_dict()
     path = _save_reference(tmp_path / "mae_pretrain_vit_tiny.pth", encoder)

@@ -1,5 +1,6 @@
 """COCO-format datasets by paths: what a user sees when a path or an image is wrong, or the class count is."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,24 @@ def test_a_test_set_of_other_categories_is_refused_before_training_or_inference(
         f"train.init_checkpoint={tmp_path / 'detector.pth'}", f"train.output_dir={tmp_path / 'eval'}"])
     with pytest.raises(ValueError, match=refused):
         train_det.main(args)
+
+
+def test_coco_configs_read_coco_where_detectron2_s_builtin_datasets_do(monkeypatch, tmp_path):
+    """datasets/coco, or $DETECTRON2_DATASETS/coco: the files detectron2 registers coco_2017_{train,val} with."""
+    from detectron2.data import MetadataCatalog  # importing detectron2.data registers the builtin datasets
+    registered_under = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))  # as detectron2 read it
+    builtin = {split: [os.path.relpath(path, registered_under) for path in (meta.json_file, meta.image_root)]
+               for split, meta in (("train", MetadataCatalog.get("coco_2017_train")),
+                                   ("test", MetadataCatalog.get("coco_2017_val")))}
+    for root in ("datasets", str(tmp_path / "d2")):
+        if root == "datasets":
+            monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
+        else:
+            monkeypatch.setenv("DETECTRON2_DATASETS", root)
+        loader = LazyConfig.load(str(CONFIG.parent / "mask_rcnn_vit_base_100ep.py")).dataloader
+        for split, files in builtin.items():
+            dataset = loader[split].dataset
+            assert [dataset.json_file, dataset.image_root] == [os.path.join(root, f) for f in files], (root, split)
 
 
 def test_any_coco_format_dataset_loads_by_paths(coco):

@@ -2,7 +2,7 @@
 """The whole toolkit on the built-in synthetic world (`make demo`): MAE pretraining, then detection, segmentation and
 classification fine-tuned from the MAE encoder and from a random one, with one table of the results.
 
-    python tools/demo.py                   # 8-13 min on 2 CPU cores; everything under runs/demo
+    python tools/demo.py                   # 8-14 min on 2 CPU cores; everything under runs/demo
     python tools/demo.py --quick           # the same steps on a tiny world, a few iterations each (a smoke run)
 
 Every step is a subprocess running the tool a user would run, with the flags printed before it starts:
@@ -49,7 +49,7 @@ class RunLengths:
     batch_size: int = 0     # pretraining and classification batch; 0 keeps the presets' (64 and 32)
 
 
-# 8-13 minutes on 2 CPU cores in all (measured on an AVX-512 Xeon / an EPYC): pretraining 2.1 / 3.0, both Mask R-CNNs
+# 8-14 minutes on 2 CPU cores in all (measured on an AVX-512 Xeon / an EPYC): pretraining 2.1 / 3.0, both Mask R-CNNs
 # side by side 2.9 / 4.3, both UperNets 1.8 / 3.0 with their tests, both classifications 1.2 / 1.8.
 FULL = RunLengths(world="small", pretrain_epochs=20, det_iters=300, seg_iters=500, cls_epochs=20)
 QUICK = RunLengths(world="tiny", pretrain_epochs=1, det_iters=4, seg_iters=4, cls_epochs=1, batch_size=8)

@@ -59,7 +59,7 @@ class WorldSize:
 
 
 PRESETS = {
-    # Sized for the demo's 8-13 minutes on 2 CPU cores (tools/demo.py).
+    # Sized for the demo's 8-14 minutes on 2 CPU cores (tools/demo.py).
     "small": WorldSize(96, pretrain=2000, det_train=320, det_val=80, seg_train=320, seg_val=80,
                        cls_train_per_class=60, cls_val_per_class=15),
     # For tests: every format present, generated in well under a second.
