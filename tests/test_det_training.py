@@ -4,17 +4,18 @@ ground truth scores AP 100 through evaluate."""
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from detectron2.config import LazyConfig
 from detectron2.data.detection_utils import annotations_to_instances
-from detectron2.engine import default_argument_parser
+from detectron2.engine import default_argument_parser, launch
 from detectron2.structures import Boxes, Instances
 
 from convert_helpers import load_tool
-from pretrain_helpers import one_thread
+from pretrain_helpers import ROOT, one_thread, run_tool as run_processes
 from mae_transfer.data.synthetic import generate_world
 from mae_transfer.det import AP_FILE, ap_table, coco_instances, evaluate, write_ap_json
 from mae_transfer.det.evaluation import METRICS
@@ -210,6 +211,40 @@ def test_ground_truth_as_predictions_scores_ap_100(coco_world, tmp_path):
     rows = {line.split("|")[1].strip(): line for line in ap_table(results).splitlines()[2:]}
     assert set(rows) == {"box", "mask"} and all(row.count("100.00") >= 3 for row in rows.values())
     assert _ap_json(tmp_path / AP_FILE)["segm"]["AP"] == pytest.approx(100.0)
+
+
+def _evaluate_ground_truth(coco_world: Path, out: Path) -> None:
+    """One of launch's processes: each infers its shard of the test set; COCOEvaluator gathers them on rank 0."""
+    cfg, dicts = _test_set(coco_world, out)
+    evaluate(cfg, GroundTruthModel(dicts))
+
+
+def test_two_processes_evaluate_each_test_image_once(coco_world, tmp_path):
+    """An image inferred by both processes would add duplicate detections (false positives), one by neither would
+    lose its objects: either way the ground truth would score below 100."""
+    launch(_evaluate_ground_truth, 2, dist_url="auto", args=(coco_world, tmp_path))  # gloo: no GPU here
+    written = _ap_json(tmp_path / AP_FILE)
+    for task in ("bbox", "segm"):
+        assert written[task]["AP"] == pytest.approx(100.0), task
+
+
+def test_two_process_training_runs_on_cpu_and_rank_0_alone_writes(coco_world, tmp_path):
+    """--num-gpus 2 without a GPU: detectron2's launch joins two CPU processes over gloo, each wraps the detector in
+    DDP (with no device ids: a CPU module), and the hooks that write run on rank 0 only."""
+    result = run_processes([sys.executable, str(ROOT / "tools" / "train_det.py"), "--config-file", str(CONFIG),
+                            "--num-gpus", "2", "--dist-url", "auto", *dataset_overrides(coco_world), "train.device=cpu",
+                            f"train.output_dir={tmp_path}", "train.max_iter=4", "train.eval_period=4",
+                            "train.log_period=1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert not list(tmp_path.glob("model_0*.pth"))  # the period (200) is not reached in 4 iterations
+    for log in ("log.txt", "log.txt.rank1"):  # each process's own log: each infers 2 of the 4 test images
+        assert "Start inference on 2 batches" in (tmp_path / log).read_text(), log
+    # One writer: each iteration's losses once, then the evaluation's AP once, after the 4 iterations
+    records = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert [(r["iteration"], "total_loss" in r, "bbox/AP" in r) for r in records] == [
+        (0, True, False), (1, True, False), (2, True, False), (3, True, False), (4, False, True)]
+    assert _ap_json(tmp_path / AP_FILE)["iteration"] == 4
 
 
 class DetectsNothing(torch.nn.Module):

@@ -2,7 +2,8 @@
 r"""Train or evaluate Mask R-CNN with an MAE ViT backbone (ViTDet) in detectron2, from a LazyConfig in det_configs/.
 
 detectron2's conventions (those of its tools/lazyconfig_train_net.py): --config-file, --num-gpus, --num-machines,
---machine-rank, --dist-url, --resume, --eval-only, then key=value overrides of the config.
+--machine-rank, --dist-url, --resume, --eval-only, then key=value overrides of the config. On a machine without
+a GPU, --num-gpus N runs N CPU processes over gloo (with train.device=cpu), as detectron2's launch does.
 
     python tools/train_det.py --config-file det_configs/mask_rcnn_vit_base_100ep.py --num-gpus 8 \
         train.init_checkpoint=runs/base-800/encoder.safetensors train.output_dir=runs/det_vit_base
@@ -39,11 +40,13 @@ _AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check_device(cfg, num_gpus: int) -> None:
+    """train.device against the machine and --num-gpus. Without a GPU, detectron2's launch joins --num-gpus CPU
+    processes over gloo (how the tests run a distributed detector); with one, over NCCL, one GPU per process."""
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={cfg.train.device} but PyTorch sees no CUDA GPU: add train.device=cpu")
-    if num_gpus > 1 and not cfg.train.device.startswith("cuda"):
-        raise ValueError(f"--num-gpus {num_gpus} needs train.device=cuda "
-                         f"(detectron2's launch runs one GPU per process)")
+    if num_gpus > 1 and not cfg.train.device.startswith("cuda") and torch.cuda.is_available():
+        raise ValueError(f"--num-gpus {num_gpus} with train.device={cfg.train.device}: on a machine with GPUs "
+                         f"detectron2's launch runs one GPU per process; add train.device=cuda")
 
 
 def amp_dtype(cfg) -> Optional[torch.dtype]:
@@ -73,6 +76,8 @@ def create_ddp(model, ddp_options, precision: Optional[torch.dtype]):
     bf16's unless training in fp16: without fp16 AMP's loss scale, gradients below fp16's range (~6e-8, reached sooner
     after the average over processes) would arrive as zeros. bf16 keeps float32's range."""
     options = dict(ddp_options)
+    if next(model.parameters()).device.type == "cpu":  # detectron2 would give DDP the local rank as a GPU id
+        options.setdefault("device_ids", None)
     bf16_compression = False
     if precision != torch.float16:
         bf16_compression = options.pop("fp16_compression", False)
@@ -132,7 +137,7 @@ def main(args):
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mae_transfer")
     if args.eval_only:
         check_test_set(cfg)
-        model = create_ddp_model(instantiate(cfg.model).to(cfg.train.device))
+        model = create_ddp(instantiate(cfg.model).to(cfg.train.device), {}, precision=None)  # no gradients
         checkpointer = ViTDetCheckpointer(model, cfg.train.output_dir)
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)  # --resume: the run's last
         if checkpointer.loaded is None or checkpointer.loaded_encoder:
