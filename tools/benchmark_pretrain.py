@@ -160,9 +160,9 @@ def time_step(step: Step, images: torch.Tensor, warmup: int, steps: int,
     return times, rates
 
 
-def print_profile(row: str, step: Step, images: torch.Tensor, steps: int, top: int = 15) -> None:
+def print_profile(row: str, step: Step, images: torch.Tensor, steps: int) -> None:
     """Where `steps` more steps of `row` spend their time: torch.profiler's operators (and on CUDA its kernels) by
-    self time on the device that runs them."""
+    self time on the device that runs them, the top 15."""
     cuda = images.device.type == "cuda"
     sync(images.device)
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
@@ -173,7 +173,7 @@ def print_profile(row: str, step: Step, images: torch.Tensor, steps: int, top: i
         wall = time.perf_counter() - t0
     print(f"\nrow {row!r}: {steps} profiled steps, {1e3 * wall / steps:.1f} ms each (the profiler slows them)")
     print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                    row_limit=top))
+                                    row_limit=15))
 
 
 ROWS = {
